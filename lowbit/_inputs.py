@@ -1,0 +1,53 @@
+"""Checks and autocast handling shared by every lowbit linear: one place decides what a bad input is."""
+
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def autocast_linear_inputs(
+    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Cast to the autocast dtype when autocast is on for the input's device, as F.linear would be."""
+    device_type = input.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return input, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+    return input.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
+
+
+def check_linear_inputs(
+    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: str
+) -> None:
+    """Raise a clear error for inputs a lowbit linear does not take (after autocast casting)."""
+    if not isinstance(input, torch.Tensor):
+        raise TypeError(f"{layer}: expected a torch.Tensor input, got {type(input).__name__}")
+    if input.dim() < 2:
+        raise ValueError(
+            f"{layer}: expected an input of shape (..., in_features) with at least 2 dims, got "
+            f"{tuple(input.shape)}; add a batch dimension with input.unsqueeze(0)"
+        )
+    if weight.dim() != 2:
+        raise ValueError(f"{layer}: expected a 2-D weight, got shape {tuple(weight.shape)}")
+    if input.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"{layer}: input has {input.shape[-1]} features, the layer expects {weight.shape[1]}"
+        )
+    if input.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{layer}: input must be float32, float16 or bfloat16, got {input.dtype}")
+    if weight.dtype != input.dtype:
+        raise TypeError(
+            f"{layer}: input is {input.dtype} but the weight is {weight.dtype}; cast one of them or "
+            f"run under torch.autocast"
+        )
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"{layer}: bias of shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
+    devices = {input.device, weight.device} | ({bias.device} if bias is not None else set())
+    if len(devices) != 1:
+        raise ValueError(
+            f"{layer}: input on {input.device} but the weight on {weight.device}"
+            + (f" and the bias on {bias.device}" if bias is not None else "")
+            + "; move them to one device"
+        )

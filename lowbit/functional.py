@@ -1,0 +1,142 @@
+"""SwitchBack as autograd Functions: which matmul runs in int8, which in 16-bit, and what is saved.
+
+Paper (Wortsman, Dettmers et al. 2023, section 2.2): of a linear layer's three matmuls, the forward
+x @ w.T and grad_input g @ w have a small inner dimension (the layer's width) and run in int8 with
+row-wise x and g; the weight gradient g.T @ x sums over batch x sequence, where int8 error would
+pile up, so it "switches back" to the input's 16-bit dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowbit import ops
+from lowbit._inputs import autocast_linear_inputs, check_linear_inputs
+from lowbit.config import SwitchBackConfig
+
+__all__ = ["switchback_linear", "Int8WeightCache"]
+
+
+def _quantize_weight(weight: torch.Tensor, config: SwitchBackConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward's int8 weight (N, K): one scale, or one per output row."""
+    if config.weight_quant == "tensor":
+        return ops.quantize_tensorwise(weight)
+    return ops.quantize_rowwise(weight)
+
+
+def _quantize_weight_t(weight: torch.Tensor, config: SwitchBackConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """grad_input's int8 weight, transposed to (K, N) so the int8 GEMM reads it K-major.
+
+    "row" scales it per input column here: grad_input sums over the output rows, so a row scale
+    could not be taken out of that sum.
+    """
+    if config.weight_quant == "tensor":
+        return ops.quantize_tensorwise(weight, transpose=True)
+    return ops.quantize_colwise_transposed(weight)
+
+
+class _SwitchBackMatmul(torch.autograd.Function):
+    """out (M, N) = x (M, K) @ weight (N, K).T + bias, int8 forward and grad_input, 16-bit grad_weight."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, config: SwitchBackConfig):
+        x_int8, x_absmax = ops.quantize_rowwise(x)
+        w_int8, w_absmax = _quantize_weight(weight, config)
+        out = ops.int8_matmul_dequant(x_int8, w_int8.t(), x_absmax, w_absmax, bias=bias, out_dtype=x.dtype)
+
+        ctx.config = config
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        # x is needed only for grad_weight: keep it, or its int8 copy, only then.
+        if not ctx.needs_input_grad[1]:
+            ctx.save_for_backward(weight)
+        elif config.mem_efficient:
+            ctx.save_for_backward(weight, x_int8, x_absmax)
+        else:
+            ctx.save_for_backward(weight, x)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        weight, *saved_x = ctx.saved_tensors
+        config = ctx.config
+        grad_input = grad_weight = grad_bias = None
+
+        # grad_input = g @ w, in int8: g row-wise, w tensor-wise (or column-wise for "row").
+        if ctx.needs_input_grad[0]:
+            g_int8, g_absmax = ops.quantize_rowwise(grad_output)
+            w_t_int8, w_t_absmax = _quantize_weight_t(weight, config)
+            grad_input = ops.int8_matmul_dequant(
+                g_int8, w_t_int8.t(), g_absmax, w_t_absmax, out_dtype=grad_output.dtype
+            )
+
+        # grad_weight = g.T @ x, in the input's 16-bit dtype (mem_efficient: against dequantized x).
+        if ctx.needs_input_grad[1]:
+            x = ops.dequantize_rowwise(*saved_x, grad_output.dtype) if config.mem_efficient else saved_x[0]
+            grad_weight = grad_output.t().mm(x)
+
+        # grad_bias = sum of g over the rows.
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
+            grad_bias = grad_output.sum(dim=0).to(ctx.bias_dtype)
+
+        return grad_input, grad_weight, grad_bias, None
+
+
+class Int8WeightCache:
+    """The int8 weight of an inference-only forward, kept until the weight changes.
+
+    The key holds the weight's storage, dtype and version counter, which every in-place update
+    (an optimizer step, load_state_dict) bumps, so a stale int8 copy is never used.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._value: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def get(self, weight: torch.Tensor, config: SwitchBackConfig) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (weight.data_ptr(), weight.dtype, weight.device, weight._version, config.weight_quant)
+        if key != self._key:
+            self._value = _quantize_weight(weight.detach(), config)
+            self._key = key
+        return self._value
+
+    def clear(self) -> None:
+        self._key = self._value = None
+
+
+def switchback_linear(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    config: SwitchBackConfig = SwitchBackConfig(),
+    weight_cache: Int8WeightCache | None = None,
+) -> torch.Tensor:
+    """SwitchBack's F.linear: input (..., K) @ weight (N, K).T + bias -> (..., N) in the input's dtype.
+
+    Args:
+        input: (..., K) float32/float16/bfloat16, any strides, at least 2-D.
+        weight: (N, K) of the input's dtype (under autocast both are cast, as for F.linear).
+        bias: optional (N,).
+        config: weight quantization and memory options.
+        weight_cache: used only when no gradient is needed, to quantize the weight once.
+
+    Returns:
+        (..., N) tensor. A row of the input holding inf or NaN gives NaN in that output row only;
+        an all-zero row gives the bias.
+    """
+    input, weight, bias = autocast_linear_inputs(input, weight, bias)
+    check_linear_inputs(input, weight, bias, "switchback_linear")
+    x = input.reshape(-1, input.shape[-1])
+    needs_grad = torch.is_grad_enabled() and (
+        input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+    with torch.autocast(input.device.type, enabled=False):
+        if needs_grad:
+            out = _SwitchBackMatmul.apply(x, weight, bias, config)
+        else:
+            # Inference: no autograd graph, and the weight quantized once while it stays unchanged.
+            cached = weight_cache is not None and not torch.compiler.is_compiling()
+            w_int8, w_absmax = weight_cache.get(weight, config) if cached else _quantize_weight(weight, config)
+            x_int8, x_absmax = ops.quantize_rowwise(x)
+            out = ops.int8_matmul_dequant(x_int8, w_int8.t(), x_absmax, w_absmax, bias=bias, out_dtype=x.dtype)
+    return out.reshape(*input.shape[:-1], weight.shape[0])

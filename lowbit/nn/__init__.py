@@ -1,0 +1,7 @@
+"""lowbit's layers: parameters and configuration only; the math lives in lowbit.functional."""
+
+from lowbit.nn.attention import LowbitMultiheadAttention
+from lowbit.nn.base import LowbitLinear
+from lowbit.nn.switchback import SwitchBackLinear
+
+__all__ = ["LowbitLinear", "LowbitMultiheadAttention", "SwitchBackLinear"]

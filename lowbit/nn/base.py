@@ -1,0 +1,53 @@
+"""The common base of lowbit's linear layers: an nn.Linear whose matmuls a subclass chooses."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class LowbitLinear(nn.Linear):
+    """An nn.Linear (isinstance checks, init and state_dict behave as for nn.Linear) whose forward
+    runs `self.linear(input, self.weight, self.bias)`.
+
+    Subclasses implement `linear`, which also serves weights the layer does not own, such as
+    nn.MultiheadAttention's `in_proj_weight` (see `LowbitMultiheadAttention`).
+    """
+
+    def linear(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must implement linear(input, weight, bias)")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self.linear(input, self.weight, self.bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs) -> "LowbitLinear":
+        """A layer of this class that shares `linear`'s Parameters (no copy) and training mode.
+
+        `linear` is kept (not as a submodule, so state_dict keys stay the same) for `to_original`.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"{cls.__name__}.from_linear expects an nn.Linear, got {type(linear).__name__}")
+        # Built on the meta device: no memory is allocated for weights that are replaced at once.
+        layer = cls(
+            linear.in_features, linear.out_features, linear.bias is not None,
+            device="meta", dtype=linear.weight.dtype, **kwargs,
+        )
+        layer.weight = linear.weight
+        layer.bias = linear.bias
+        layer.train(linear.training)
+        object.__setattr__(layer, "_lowbit_original", linear)
+        return layer
+
+    def to_original(self) -> nn.Linear:
+        """The layer this one was built from (or a plain nn.Linear), holding this layer's Parameters."""
+        original = self.__dict__.get("_lowbit_original")
+        if original is None:
+            original = nn.Linear(
+                self.in_features, self.out_features, self.bias is not None,
+                device="meta", dtype=self.weight.dtype,
+            )
+        original.weight = self.weight
+        original.bias = self.bias
+        original.train(self.training)
+        return original
