@@ -21,7 +21,7 @@ setup(
     packages=["lowbit", "lowbit.nn", "lowbit.optim", "lowbit.monitor", "lowbit.kernels"],
     package_dir={"lowbit": "lowbit", "lowbit.kernels": "kernels"},
     install_requires=[
-        "torch>=2.3",
+        "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
         "numpy",
     ],

@@ -8,6 +8,8 @@ pile up, so it "switches back" to the input's 16-bit dtype.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from lowbit import ops
@@ -130,7 +132,12 @@ def switchback_linear(
     needs_grad = torch.is_grad_enabled() and (
         input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
     )
-    with torch.autocast(input.device.type, enabled=False):
+    device_type = input.device.type
+    no_autocast = (
+        torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type)
+        else contextlib.nullcontext()
+    )
+    with no_autocast:  # inputs are already cast; the int8 ops pick their own dtypes
         if needs_grad:
             out = _SwitchBackMatmul.apply(x, weight, bias, config)
         else:
