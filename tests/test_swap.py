@@ -1,0 +1,144 @@
+"""swap / unswap on open_clip and timm ViTs: what is replaced, what is kept, and the features."""
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.nn import LowbitMultiheadAttention, SwitchBackLinear
+from lowbit.swap import default_filter
+
+open_clip = pytest.importorskip("open_clip")
+timm = pytest.importorskip("timm")
+
+
+def cosine(a, b):
+    return torch.nn.functional.cosine_similarity(a.flatten(1).double(), b.flatten(1).double()).min().item()
+
+
+def expected_counts(model, keep):
+    """(linears, attentions) the swap should replace, counted on the float model."""
+    mha = [m for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention) and keep(m, n)]
+    inside_mha = {id(m.out_proj) for m in model.modules() if isinstance(m, nn.MultiheadAttention)}
+    linears = [
+        m for n, m in model.named_modules()
+        if type(m) is nn.Linear and id(m) not in inside_mha and keep(m, n)
+    ]
+    return len(linears) + len(mha), len(mha)  # each attention brings its out_proj
+
+
+def counts(model):
+    return (
+        sum(isinstance(m, SwitchBackLinear) for m in model.modules()),
+        sum(isinstance(m, LowbitMultiheadAttention) for m in model.modules()),
+    )
+
+
+def state_dict_bytes(model):
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def clip_pair():
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-32").eval()
+    return model, copy.deepcopy(model)
+
+
+def test_open_clip_vit_b32_both_towers(clip_pair):
+    reference, model = clip_pair
+    want = expected_counts(model, default_filter)
+    assert want == (72, 24)  # 12 blocks x (c_fc, c_proj, out_proj) in each tower; 12 + 12 attentions
+    keys = list(model.state_dict())
+    params = {n: (p, p.dtype, p.device, p.requires_grad) for n, p in model.named_parameters()}
+
+    lowbit.swap(model, "switchback")
+    assert counts(model) == want
+    assert list(model.state_dict()) == keys
+    for name, p in model.named_parameters():  # shared, not copied
+        original, dtype, device, requires_grad = params[name]
+        assert p is original and (p.dtype, p.device, p.requires_grad) == (dtype, device, requires_grad)
+
+    image = torch.randn(2, 3, 224, 224)
+    text = torch.randint(1, 49000, (2, 77))
+    with torch.no_grad():
+        ref_img, ref_txt = reference.encode_image(image), reference.encode_text(text)
+        img, txt = model.encode_image(image), model.encode_text(text)
+    assert cosine(ref_img, img) >= 0.99 and cosine(ref_txt, txt) >= 0.99
+
+    # A training step reaches every swapped weight, the attention input projection included.
+    model.train()
+    (model.encode_image(image).square().mean() + model.encode_text(text).square().mean()).backward()
+    for block in model.visual.transformer.resblocks:
+        assert block.attn.in_proj_weight.grad is not None and block.mlp.c_fc.weight.grad is not None
+    model.zero_grad()
+    model.eval()
+
+    lowbit.unswap(model)
+    assert counts(model) == (0, 0)
+    assert type(model.visual.transformer.resblocks[0].attn) is nn.MultiheadAttention
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(image), ref_img)
+
+
+def test_checkpoints_load_both_ways(clip_pair):
+    reference, _ = clip_pair
+    float_model = copy.deepcopy(reference)
+    swapped = lowbit.swap(copy.deepcopy(reference), "switchback-row")
+    with torch.no_grad():
+        for p in swapped.parameters():
+            p.add_(0.01)
+    float_model.load_state_dict(state_dict_bytes(swapped))  # int8 checkpoint -> float model
+    for (n, a), b in zip(float_model.state_dict().items(), swapped.state_dict().values()):
+        assert torch.equal(a, b), n
+    fresh = lowbit.swap(copy.deepcopy(reference), "switchback")
+    fresh.load_state_dict(state_dict_bytes(float_model))  # float checkpoint -> int8 model
+    for a, b in zip(fresh.state_dict().values(), float_model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", ["switchback", "switchback-row", "switchback-memeff"])
+def test_timm_vit_default_filter(name):
+    model = timm.create_model("vit_base_patch16_224", pretrained=False, img_size=64, num_classes=10).eval()
+    reference = copy.deepcopy(model)
+    keep = default_filter
+    want = expected_counts(model, keep)
+    keys = list(model.state_dict())
+    lowbit.swap(model, name)
+    # timm runs attention through its own qkv/proj nn.Linear layers: 4 per block, and the head
+    # (768 -> 10) is skipped by the default filter for being narrow.
+    assert counts(model) == want == (48, 0)
+    assert list(model.state_dict()) == keys
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert cosine(reference.forward_features(x), model.forward_features(x)) >= 0.99
+    lowbit.unswap(model)
+    assert counts(model) == (0, 0)
+
+
+def test_filter_fn_class_and_kwargs():
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=5)
+    assert counts(lowbit.swap(copy.deepcopy(model))) == (0, 0)  # 192 wide: all below MIN_FEATURES
+    swapped = lowbit.swap(model, SwitchBackLinear, filter_fn=lambda m, n: "mlp" in n, weight_quant="row")
+    layers = [m for m in swapped.modules() if isinstance(m, SwitchBackLinear)]
+    assert len(layers) == 24 and all(m.config.weight_quant == "row" for m in layers)
+    assert isinstance(swapped.blocks[0].attn.qkv, nn.Linear) and not isinstance(swapped.blocks[0].attn.qkv, SwitchBackLinear)
+    with pytest.raises(ValueError, match="unknown layer name"):
+        lowbit.swap(model, "int4")
+    with pytest.raises(TypeError, match="LowbitLinear subclass"):
+        lowbit.swap(model, nn.Linear)
+
+
+def test_root_linear_and_idempotence():
+    layer = nn.Linear(16, 8)
+    swapped = lowbit.swap(layer, filter_fn=lambda m, n: True)
+    assert isinstance(swapped, SwitchBackLinear) and swapped.weight is layer.weight
+    again = lowbit.swap(nn.Sequential(swapped), filter_fn=lambda m, n: True)
+    assert again[0] is swapped  # already-swapped layers are left alone
+    assert lowbit.unswap(swapped) is layer
