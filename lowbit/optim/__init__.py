@@ -1,0 +1,5 @@
+"""Optimizers for low-precision training."""
+
+from lowbit.optim.stable_adamw import StableAdamW
+
+__all__ = ["StableAdamW"]

@@ -1,0 +1,323 @@
+"""StableAdamW: AdamW with Adafactor-style update clipping (Wortsman, Dettmers et al., 2023)."""
+
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = ["StableAdamW"]
+
+
+class StableAdamW(torch.optim.Optimizer):
+    r"""AdamW with per-tensor update clipping, as in "Stable and low-precision training for
+    large-scale vision-language models" (Wortsman, Dettmers et al., 2023, arXiv:2304.13013).
+
+    For every parameter tensor theta with gradient g at its step t = 1, 2, ...::
+
+        b1_hat = b1 (1 - b1^(t-1)) / (1 - b1^t)          # bias correction folded into the betas
+        b2_hat = b2 (1 - b2^(t-1)) / (1 - b2^t)          # (both are 0 at t = 1)
+        v      = b1_hat v + (1 - b1_hat) g
+        u      = b2_hat u + (1 - b2_hat) g^2
+        RMS    = sqrt(mean(g^2 / max(u, eps^2)))         # per tensor, with the updated u
+        eta    = lr / max(1, RMS / clip_threshold)
+        theta  = theta - eta wd theta - eta v / (sqrt(u) + eps)
+
+    The clipped step size eta scales the decoupled weight decay as well as the update, as in the
+    paper's reference implementation.
+
+    State per parameter (``optimizer.state[p]``), named as in ``torch.optim.AdamW`` so tools that
+    read AdamW's state read this one too:
+
+    - ``"step"``: t, a 0-dim fp32 tensor on the CPU (as in torch's Adam), so the bias correction
+      is computed on the host without reading anything back from the device.
+    - ``"exp_avg"``: v, fp32, the parameter's shape and device.
+    - ``"exp_avg_sq"``: u, fp32, the parameter's shape and device.
+    - ``"rms"``: the RMS of the last step, a 0-dim fp32 tensor on the parameter's device; read it
+      (e.g. from a loss-spike monitor) without a host synchronisation.
+
+    The state is fp32 whatever the parameter's dtype: for bf16 / fp16 parameters the update is
+    computed in fp32 and rounded to the parameter's dtype once, when written back.
+
+    Nothing in a step synchronises the host with the device: RMS and eta stay device tensors.
+    ``foreach=True`` runs ``torch._foreach_*`` ops over the parameters of a group bucketed by
+    device and dtype; ``foreach=False`` runs one tensor at a time. Both compute the same ops.
+
+    Steps skipped by ``torch.amp.GradScaler`` (inf / NaN gradients) leave parameters and state
+    untouched, because ``GradScaler.step`` then does not call ``step``.
+
+    Args:
+        params: parameters or dicts defining parameter groups.
+        lr: learning rate, >= 0.
+        betas: (b1, b2), each in [0, 1).
+        eps: > 0; added to sqrt(u) and, squared, the floor of u in the RMS.
+        weight_decay: decoupled weight decay, >= 0 (multiplied by eta, i.e. by lr).
+        clip_threshold: RMS above which the step size is scaled down, > 0.
+        foreach: True / False for the foreach / per-tensor implementation; None picks foreach
+            for groups whose parameters are all on CUDA.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.99),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        clip_threshold: float = 1.0,
+        *,
+        foreach: bool | None = None,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "clip_threshold": clip_threshold,
+            "foreach": foreach,
+        }
+        _check_hyperparameters(defaults)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        # A group may override the defaults, so check what it ends up with.
+        _check_hyperparameters(self.param_groups[-1])
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group.setdefault("foreach", None)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Loads like ``torch.optim.Optimizer``, but keeps v, u and rms in fp32 and the step on the CPU.
+
+        The base class casts floating-point state to the parameter's dtype, which would round the
+        fp32 moments of bf16 / fp16 parameters; they are restored here from the saved tensors.
+        """
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        super().load_state_dict(state_dict)
+        for saved_id, p in zip(saved_ids, params):
+            saved = state_dict["state"].get(saved_id)
+            if saved is None:
+                continue
+            state = self.state[p]
+            for key in ("exp_avg", "exp_avg_sq", "rms"):
+                if key in saved:
+                    state[key] = saved[key].to(device=p.device, dtype=torch.float32, copy=True)
+            if "step" in saved:
+                state["step"] = torch.as_tensor(saved["step"]).to(
+                    device="cpu", dtype=torch.float32, copy=True
+                )
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Performs one optimisation step.
+
+        Args:
+            closure: optional, re-evaluates the model and returns the loss.
+
+        Returns:
+            The closure's loss, or None.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for group in self.param_groups:
+            params, grads, exp_avgs, exp_avg_sqs, rmss, steps = [], [], [], [], [], []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.layout != torch.strided:
+                    raise RuntimeError(
+                        f"StableAdamW does not support sparse gradients (got layout {p.grad.layout}); "
+                        "use dense gradients, e.g. nn.Embedding(..., sparse=False)"
+                    )
+                if not p.is_floating_point():
+                    raise RuntimeError(
+                        f"StableAdamW supports real floating-point parameters only, got {p.dtype}"
+                    )
+                state = self.state[p]
+                if len(state) == 0:
+                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                    state["exp_avg"] = torch.zeros_like(
+                        p, dtype=torch.float32, memory_format=torch.preserve_format
+                    )
+                    state["exp_avg_sq"] = torch.zeros_like(
+                        p, dtype=torch.float32, memory_format=torch.preserve_format
+                    )
+                    state["rms"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                params.append(p)
+                grads.append(p.grad)
+                exp_avgs.append(state["exp_avg"])
+                exp_avg_sqs.append(state["exp_avg_sq"])
+                rmss.append(state["rms"])
+                steps.append(state["step"])
+            if not params:
+                continue
+
+            foreach = group["foreach"]
+            if foreach is None:
+                foreach = all(p.device.type == "cuda" for p in params)
+            update_fn = _foreach_stable_adamw if foreach else _single_tensor_stable_adamw
+            beta1, beta2 = group["betas"]
+            update_fn(
+                params,
+                grads,
+                exp_avgs,
+                exp_avg_sqs,
+                rmss,
+                steps,
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                clip_threshold=group["clip_threshold"],
+            )
+        return loss
+
+
+def _check_hyperparameters(group: dict[str, Any]) -> None:
+    """Raises ValueError for a hyperparameter outside its range (NaN included)."""
+    lr, betas, eps = group["lr"], group["betas"], group["eps"]
+    if isinstance(lr, Tensor) or not 0.0 <= lr < float("inf"):
+        raise ValueError(f"lr must be a finite float >= 0, got {lr!r}")
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"betas must be a pair (b1, b2), got {betas!r}")
+    for i, beta in enumerate(betas):
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"betas[{i}] must be in [0, 1), got {beta!r}")
+    if not 0.0 < eps < float("inf"):
+        raise ValueError(f"eps must be > 0, got {eps!r}")
+    if not 0.0 <= group["weight_decay"] < float("inf"):
+        raise ValueError(f"weight_decay must be >= 0, got {group['weight_decay']!r}")
+    if not 0.0 < group["clip_threshold"] < float("inf"):
+        raise ValueError(f"clip_threshold must be > 0, got {group['clip_threshold']!r}")
+    if group["foreach"] not in (None, True, False):
+        raise ValueError(f"foreach must be None, True or False, got {group['foreach']!r}")
+
+
+def _folded_beta(beta: float, t: float) -> float:
+    """b (1 - b^(t-1)) / (1 - b^t): Adam's bias correction folded into the decay rate (0 at t = 1)."""
+    return beta * (1.0 - beta ** (t - 1)) / (1.0 - beta**t)
+
+
+def _single_tensor_stable_adamw(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    rmss: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    clip_threshold: float,
+) -> None:
+    for param, grad, exp_avg, exp_avg_sq, rms_state, step in zip(
+        params, grads, exp_avgs, exp_avg_sqs, rmss, steps
+    ):
+        # t = t + 1; step lives on the CPU, so reading it back does not wait for the device
+        step += 1
+        t = step.item()
+        # b_hat = b (1 - b^(t-1)) / (1 - b^t)
+        beta1_hat, beta2_hat = _folded_beta(beta1, t), _folded_beta(beta2, t)
+        # The update is computed in fp32 (no copies for fp32 parameters); grad is never written.
+        grad_hp = grad.float()
+        param_hp = param.float()
+
+        # v = b1_hat v + (1 - b1_hat) g
+        exp_avg.lerp_(grad_hp, 1.0 - beta1_hat)
+        # u = b2_hat u + (1 - b2_hat) g^2
+        exp_avg_sq.mul_(beta2_hat).addcmul_(grad_hp, grad_hp, value=1.0 - beta2_hat)
+        # RMS = sqrt(mean(g^2 / max(u, eps^2))), with the updated u; the ratio is >= 0, so its sum
+        # is its L1 norm (the reduction the foreach path has); an empty tensor gets RMS 0
+        ratio = grad_hp.square().div_(exp_avg_sq.clamp_min(eps * eps))
+        rms = torch.linalg.vector_norm(ratio, 1).div_(max(ratio.numel(), 1)).sqrt_()
+        del ratio
+        rms_state.copy_(rms)
+        # eta = lr / max(1, RMS / clip_threshold), a device tensor: no host synchronisation
+        eta = rms.div_(clip_threshold).clamp_min_(1.0).reciprocal_().mul_(lr)
+        # theta = theta - eta wd theta (decoupled weight decay, clipped like the update)
+        if weight_decay != 0.0:
+            param_hp.addcmul_(param_hp, eta, value=-weight_decay)
+        # theta = theta - eta v / (sqrt(u) + eps)
+        update = exp_avg_sq.sqrt().add_(eps)
+        torch.div(exp_avg, update, out=update)
+        param_hp.addcmul_(update, eta, value=-1.0)
+        if param_hp is not param:
+            param.copy_(param_hp)
+
+
+def _foreach_stable_adamw(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    rmss: list[Tensor],
+    steps: list[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    clip_threshold: float,
+) -> None:
+    buckets: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+    for i, p in enumerate(params):
+        buckets[(p.device, p.dtype)].append(i)
+
+    for (_, dtype), idx in buckets.items():
+        b_params = [params[i] for i in idx]
+        b_grads = [grads[i] for i in idx]
+        b_exp_avgs = [exp_avgs[i] for i in idx]
+        b_exp_avg_sqs = [exp_avg_sqs[i] for i in idx]
+        b_rmss = [rmss[i] for i in idx]
+        b_steps = [steps[i] for i in idx]
+
+        # t = t + 1; steps live on the CPU, so reading them back does not wait for the device
+        torch._foreach_add_(b_steps, 1.0)
+        ts = [s.item() for s in b_steps]
+        # b_hat = b (1 - b^(t-1)) / (1 - b^t), per tensor (a tensor may have skipped steps)
+        beta1_hats = [_folded_beta(beta1, t) for t in ts]
+        beta2_hats = [_folded_beta(beta2, t) for t in ts]
+        # The update is computed in fp32 (no copies for fp32 parameters); grads are never written.
+        low_precision = dtype != torch.float32
+        grads_hp = [g.float() for g in b_grads] if low_precision else b_grads
+        params_hp = [p.float() for p in b_params] if low_precision else b_params
+
+        # v = b1_hat v + (1 - b1_hat) g
+        torch._foreach_lerp_(b_exp_avgs, grads_hp, [1.0 - b for b in beta1_hats])
+        # u = b2_hat u + (1 - b2_hat) g^2
+        torch._foreach_mul_(b_exp_avg_sqs, beta2_hats)
+        torch._foreach_addcmul_(b_exp_avg_sqs, grads_hp, grads_hp, [1.0 - b for b in beta2_hats])
+        # RMS = sqrt(mean(g^2 / max(u, eps^2))), with the updated u; sum via the L1 norm (ratio >= 0)
+        ratios = torch._foreach_mul(grads_hp, grads_hp)
+        torch._foreach_div_(ratios, torch._foreach_clamp_min(b_exp_avg_sqs, eps * eps))
+        sums = torch._foreach_norm(ratios, 1)
+        del ratios
+        torch._foreach_div_(sums, [float(max(r.numel(), 1)) for r in b_params])
+        rms = torch.stack(sums).sqrt_()
+        torch._foreach_copy_(b_rmss, list(rms.unbind(0)))
+        # eta = lr / max(1, RMS / clip_threshold), device tensors: no host synchronisation
+        etas = list(rms.div_(clip_threshold).clamp_min_(1.0).reciprocal_().mul_(lr).unbind(0))
+        # theta = theta - eta wd theta (decoupled weight decay, clipped like the update)
+        if weight_decay != 0.0:
+            torch._foreach_addcmul_(params_hp, params_hp, etas, value=-weight_decay)
+        # theta = theta - eta v / (sqrt(u) + eps)
+        denoms = torch._foreach_sqrt(b_exp_avg_sqs)
+        torch._foreach_add_(denoms, eps)
+        updates = torch._foreach_div(b_exp_avgs, denoms)
+        del denoms
+        torch._foreach_addcmul_(params_hp, updates, etas, value=-1.0)
+        if low_precision:
+            torch._foreach_copy_(b_params, params_hp)
