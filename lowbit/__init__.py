@@ -7,12 +7,14 @@ training for large-scale vision-language models" (2023).
 
 from lowbit._backend import get_backend, use_backend
 from lowbit.nn import SwitchBackLinear
+from lowbit.optim import StableAdamW
 from lowbit.swap import swap, unswap
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SwitchBackLinear",
+    "StableAdamW",
     "swap",
     "unswap",
     "get_backend",
