@@ -1,0 +1,130 @@
+"""One picture of a run: the loss with its spikes marked, above a heat map of per-layer RMS.
+
+The heat map (layers x steps, log colour scale) shows what the paper's figures show: a layer whose
+RMS lights up a few steps before the loss jumps. matplotlib is imported only when a plot is drawn.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+def plot_spikes(
+    path: str | os.PathLike,
+    *,
+    steps: Sequence[int],
+    losses: Sequence[float],
+    layer_names: Sequence[str],
+    rms_steps: Sequence[int],
+    rms: np.ndarray,
+    events: Sequence[dict],
+    title: str | None = None,
+) -> Path:
+    """Draws the loss curve over the per-layer RMS heat map and writes a PNG atomically.
+
+    Args:
+        path: the PNG to write (parent directories are created).
+        steps: monitor step of each loss.
+        losses: the loss at each step (non-finite ones are marked at the top of the panel).
+        layer_names: one name per row of `rms`.
+        rms_steps: the step of each column of `rms`.
+        rms: shape (len(layer_names), len(rms_steps)); NaN where a layer had no value.
+        events: the monitor's events (dicts with `step`, `kind`, `layer`, `value`).
+        title: figure title.
+
+    Returns:
+        The path written.
+
+    Raises:
+        ImportError: if matplotlib is not installed.
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.colors import LogNorm
+        from matplotlib.figure import Figure
+    except ImportError as err:
+        raise ImportError("SpikeMonitor.plot needs matplotlib: `pip install matplotlib`") from err
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    steps_a = np.asarray(steps, dtype=np.int64)
+    loss_a = np.asarray(losses, dtype=np.float64)
+    rms = np.asarray(rms, dtype=np.float64).reshape(len(layer_names), len(rms_steps))
+    n_layers = len(layer_names)
+
+    # A figure object rather than pyplot: no global state, no GUI backend, safe in worker threads.
+    heat_h = min(max(2.0, 0.18 * n_layers), 12.0)
+    fig = Figure(figsize=(11, 2.8 + heat_h), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_loss, ax_rms = fig.subplots(2, 1, sharex=True, height_ratios=[2.6, heat_h])
+
+    # Loss panel: log scale when the loss is positive, so a spike does not flatten the rest.
+    finite = np.isfinite(loss_a)
+    ax_loss.plot(steps_a[finite], loss_a[finite], lw=0.9, color="tab:blue", label="loss")
+    if finite.any() and (loss_a[finite] > 0).all():
+        ax_loss.set_yscale("log")
+    by_kind: dict[str, list[dict]] = {}
+    for e in events:
+        by_kind.setdefault(e["kind"], []).append(e)
+    spikes = by_kind.get("loss_spike", [])
+    if spikes:
+        ax_loss.scatter([e["step"] for e in spikes], [e["value"] for e in spikes], marker="v", s=36,
+                        color="tab:red", zorder=3, label=f"loss spike ({len(spikes)})")
+    nonfinite = by_kind.get("nonfinite_loss", [])
+    if nonfinite:
+        # No y value to plot at: mark them along the top edge.
+        ax_loss.scatter([e["step"] for e in nonfinite], [1.0] * len(nonfinite), marker="x", s=40,
+                        color="black", transform=ax_loss.get_xaxis_transform(), clip_on=False,
+                        label=f"non-finite loss ({len(nonfinite)})")
+    ax_loss.set_ylabel("loss")
+    ax_loss.legend(loc="upper right", fontsize=8)
+    ax_loss.grid(alpha=0.3)
+    if title:
+        ax_loss.set_title(title)
+
+    # RMS heat map, log colour scale centred on RMS = 1 (Adam's healthy value) where data allow.
+    positive = rms[np.isfinite(rms) & (rms > 0)]
+    if positive.size and len(rms_steps):
+        vmin = max(float(positive.min()), 1e-2)
+        vmax = max(float(positive.max()), vmin * 10)
+        step_w = (rms_steps[-1] - rms_steps[0]) / max(len(rms_steps) - 1, 1) if len(rms_steps) > 1 else 1
+        extent = (rms_steps[0] - step_w / 2, rms_steps[-1] + step_w / 2, n_layers - 0.5, -0.5)
+        masked = np.ma.masked_invalid(np.where(rms > 0, rms, np.nan))
+        import matplotlib as mpl
+
+        cmap = mpl.colormaps["magma"].copy()
+        cmap.set_bad("0.85")  # grey: no gradient / not computed that step
+        im = ax_rms.imshow(masked, aspect="auto", interpolation="nearest", cmap=cmap,
+                           norm=LogNorm(vmin=vmin, vmax=vmax), extent=extent)
+        fig.colorbar(im, ax=ax_rms, label="RMS  (g² / û)", pad=0.01)
+    rms_events = by_kind.get("rms_spike", [])
+    row = {name: i for i, name in enumerate(layer_names)}
+    if rms_events:
+        ax_rms.scatter([e["step"] for e in rms_events], [row.get(e["layer"], math.nan) for e in rms_events],
+                       s=22, facecolors="none", edgecolors="cyan", linewidths=1.0,
+                       label=f"RMS spike ({len(rms_events)})")
+        ax_rms.legend(loc="upper right", fontsize=8)
+    # Faint red lines carry each loss spike down into the heat map, to line it up with the layers.
+    for e in spikes + nonfinite:
+        ax_rms.axvline(e["step"], color="tab:red", lw=0.6, alpha=0.5)
+    every = max(1, math.ceil(n_layers / 40))  # keep the labels legible on big models
+    ax_rms.set_yticks(range(0, n_layers, every))
+    ax_rms.set_yticklabels([layer_names[i] for i in range(0, n_layers, every)], fontsize=7)
+    ax_rms.set_ylim(n_layers - 0.5, -0.5)
+    ax_rms.set_xlabel("step")
+    ax_rms.set_ylabel("layer")
+
+    # Write next to the target, then rename: a reader never sees a half-written PNG.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        fig.savefig(tmp, format="png", dpi=110)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path

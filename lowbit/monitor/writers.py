@@ -1,0 +1,115 @@
+"""Where the monitor's records go: a JSONL file and, if installed, TensorBoard.
+
+JSONL format: one line per monitored step, strict JSON (no NaN / Infinity tokens):
+
+    {"step": 12, "loss": 2.31, "rms": {"visual.conv1.weight": 0.98, "head.bias": null, ...},
+     "events": [{"step": 12, "kind": "loss_spike", "value": 5.1, "threshold": 2.9,
+                 "preceded_by": [{"step": 9, "layer": "visual.conv1.weight", "value": 7.4}],
+                 "action": "skip"}]}
+
+`rms` is present only on steps where it was computed (every `every` steps); a layer without a
+gradient or optimizer state that step is null. Non-finite numbers are written as the strings
+"nan", "inf" and "-inf". Each line is written with one `write` and flushed, so a crash loses at
+most the line being written and a reader can follow the file while training runs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from typing import Any
+
+
+def to_json_safe(obj: Any) -> Any:
+    """Recursively replaces non-finite floats by "nan" / "inf" / "-inf" (JSON has no such numbers)."""
+    if isinstance(obj, float):
+        if math.isfinite(obj):
+            return obj
+        return "nan" if math.isnan(obj) else ("inf" if obj > 0 else "-inf")
+    if isinstance(obj, dict):
+        return {k: to_json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_json_safe(v) for v in obj]
+    return obj
+
+
+class JsonlWriter:
+    """Appends one JSON object per line to `path` (truncated when opened), flushing each line.
+
+    A write error warns once and disables the writer: a full disk should not end a training run.
+
+    Args:
+        path: the file to write.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = os.fspath(path)
+        parent = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(parent, exist_ok=True)
+        self._file = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
+
+    def write(self, record: dict) -> None:
+        if self._file is None:
+            return
+        try:
+            self._file.write(json.dumps(to_json_safe(record), allow_nan=False) + "\n")
+            self._file.flush()
+        except OSError as err:
+            warnings.warn(f"SpikeMonitor: writing {self.path} failed ({err}); JSONL logging stopped",
+                          RuntimeWarning, stacklevel=2)
+            self.close()
+
+    def close(self) -> None:
+        if self._file is not None:
+            try:
+                self._file.close()
+            except OSError:
+                pass
+            self._file = None
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Reads a monitor JSONL file back; a torn last line (a crash mid-write) is skipped."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return records
+
+
+class TensorBoardWriter:
+    """Scalars `loss` and `rms/<layer>`, and each event as text, via torch.utils.tensorboard.
+
+    Args:
+        log_dir: the TensorBoard run directory.
+
+    Raises:
+        ImportError: if the `tensorboard` package is not installed (with the fix in the message).
+    """
+
+    def __init__(self, log_dir: str | os.PathLike) -> None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as err:  # torch raises this when the tensorboard package is missing
+            raise ImportError("SpikeMonitor(tensorboard=...) needs `pip install tensorboard`") from err
+        self._writer = SummaryWriter(log_dir=os.fspath(log_dir))
+
+    def write(self, record: dict) -> None:
+        step = record["step"]
+        loss = record.get("loss")
+        if loss is not None and math.isfinite(loss):
+            self._writer.add_scalar("loss", loss, step)
+        for name, value in (record.get("rms") or {}).items():
+            if value is not None and math.isfinite(value):
+                self._writer.add_scalar(f"rms/{name}", value, step)
+        for event in record.get("events", ()):
+            self._writer.add_text(f"events/{event['kind']}", json.dumps(to_json_safe(event)), step)
+
+    def close(self) -> None:
+        self._writer.flush()
+        self._writer.close()
