@@ -2,6 +2,7 @@
 
 from lowbit.nn.attention import LowbitMultiheadAttention
 from lowbit.nn.base import LowbitLinear
+from lowbit.nn.float8 import Float8Linear
 from lowbit.nn.switchback import SwitchBackLinear
 
-__all__ = ["LowbitLinear", "LowbitMultiheadAttention", "SwitchBackLinear"]
+__all__ = ["Float8Linear", "LowbitLinear", "LowbitMultiheadAttention", "SwitchBackLinear"]
