@@ -14,13 +14,25 @@ lr-sized while RMS <~ 1, so a jump from 0.1 to 1.5 is harmless).
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
 
 # MAD -> standard deviation for Gaussian noise.
 _MAD_TO_STD = 1.4826
+
+
+def _nanmedian_cols(a: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """Column medians ignoring NaN, given each column's count of non-NaN values (NaN if none).
+
+    np.nanmedian goes through masked arrays and costs ~10x more; sorting puts NaN last, so the
+    median of column j sits at rows (count_j - 1) // 2 and count_j // 2.
+    """
+    s = np.sort(a, axis=0)
+    cols = np.arange(a.shape[1])
+    lo = s[np.maximum((count - 1) // 2, 0), cols]
+    hi = s[np.minimum(count // 2, a.shape[0] - 1), cols]
+    return np.where(count > 0, 0.5 * (lo + hi), np.nan)
 
 
 @dataclass(frozen=True)
@@ -70,11 +82,8 @@ class RobustDetector:
         """The current threshold of every series (inf where neither test applies yet)."""
         cfg = self.config
         count = np.sum(~np.isnan(self._buf), axis=0)
-        with warnings.catch_warnings():
-            # Columns with no history yet are all-NaN; their result is masked out below.
-            warnings.simplefilter("ignore", RuntimeWarning)
-            median = np.nanmedian(self._buf, axis=0)
-            mad = np.nanmedian(np.abs(self._buf - median), axis=0)
+        median = _nanmedian_cols(self._buf, count)
+        mad = _nanmedian_cols(np.abs(self._buf - median), count)
         scale = np.maximum(_MAD_TO_STD * mad, cfg.rel_floor * np.abs(median))
         rel = np.where(count >= cfg.min_history, np.maximum(median + cfg.k * scale, cfg.floor), np.inf)
         if cfg.abs_threshold is not None:

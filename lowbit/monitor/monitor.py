@@ -301,7 +301,7 @@ class SpikeMonitor:
             self._undo.remove()
             self._undo = None
 
-    def __enter__(self) -> SpikeMonitor:
+    def __enter__(self) -> SpikeMonitor:  # noqa: PYI034 - typing.Self needs Python 3.11
         return self
 
     def __exit__(self, *exc: object) -> None:

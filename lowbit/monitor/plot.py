@@ -87,31 +87,35 @@ def plot_spikes(
     if title:
         ax_loss.set_title(title)
 
-    # RMS heat map, log colour scale centred on RMS = 1 (Adam's healthy value) where data allow.
+    # RMS heat map on a log scale centred on RMS = 1, Adam's healthy value: red where a layer's
+    # squared gradients outrun u (the paper's warning sign), blue where they fall behind it.
     positive = rms[np.isfinite(rms) & (rms > 0)]
     if positive.size and len(rms_steps):
-        vmin = max(float(positive.min()), 1e-2)
-        vmax = max(float(positive.max()), vmin * 10)
-        step_w = (rms_steps[-1] - rms_steps[0]) / max(len(rms_steps) - 1, 1) if len(rms_steps) > 1 else 1
+        import matplotlib as mpl
+        from matplotlib.ticker import FuncFormatter, NullFormatter
+
+        span = max(float(positive.max()), 1.0 / max(float(positive.min()), 1e-3), 4.0)
+        step_w = (rms_steps[-1] - rms_steps[0]) / (len(rms_steps) - 1) if len(rms_steps) > 1 else 1
         extent = (rms_steps[0] - step_w / 2, rms_steps[-1] + step_w / 2, n_layers - 0.5, -0.5)
         masked = np.ma.masked_invalid(np.where(rms > 0, rms, np.nan))
-        import matplotlib as mpl
-
-        cmap = mpl.colormaps["magma"].copy()
-        cmap.set_bad("0.85")  # grey: no gradient / not computed that step
+        cmap = mpl.colormaps["RdBu_r"].with_extremes(bad="0.55")  # dark grey: no value that step
         im = ax_rms.imshow(masked, aspect="auto", interpolation="nearest", cmap=cmap,
-                           norm=LogNorm(vmin=vmin, vmax=vmax), extent=extent)
-        fig.colorbar(im, ax=ax_rms, label="RMS  (g² / û)", pad=0.01)
+                           norm=LogNorm(vmin=1.0 / span, vmax=span), extent=extent)
+        cbar = fig.colorbar(im, ax=ax_rms, label="RMS = sqrt(mean(g² / û))", pad=0.01)
+        ticks = [m * 10.0**e for e in range(-3, 3) for m in (1, 2, 5)]
+        cbar.set_ticks([t for t in ticks if 1.0 / span <= t <= span])
+        cbar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        cbar.ax.yaxis.set_minor_formatter(NullFormatter())
     rms_events = by_kind.get("rms_spike", [])
     row = {name: i for i, name in enumerate(layer_names)}
     if rms_events:
         ax_rms.scatter([e["step"] for e in rms_events], [row.get(e["layer"], math.nan) for e in rms_events],
-                       s=22, facecolors="none", edgecolors="cyan", linewidths=1.0,
+                       s=28, facecolors="none", edgecolors="black", linewidths=1.2, zorder=4,
                        label=f"RMS spike ({len(rms_events)})")
         ax_rms.legend(loc="upper right", fontsize=8)
     # Faint red lines carry each loss spike down into the heat map, to line it up with the layers.
     for e in spikes + nonfinite:
-        ax_rms.axvline(e["step"], color="tab:red", lw=0.6, alpha=0.5)
+        ax_rms.axvline(e["step"], color="tab:red", lw=0.8, alpha=0.6, zorder=3)
     every = max(1, math.ceil(n_layers / 40))  # keep the labels legible on big models
     ax_rms.set_yticks(range(0, n_layers, every))
     ax_rms.set_yticklabels([layer_names[i] for i in range(0, n_layers, every)], fontsize=7)
