@@ -7,6 +7,7 @@ training for large-scale vision-language models" (2023).
 
 from lowbit._backend import get_backend, use_backend
 from lowbit.nn import SwitchBackLinear
+from lowbit.monitor import SpikeMonitor
 from lowbit.optim import StableAdamW
 from lowbit.swap import swap, unswap
 
@@ -15,6 +16,7 @@ __version__ = "0.1.0"
 __all__ = [
     "SwitchBackLinear",
     "StableAdamW",
+    "SpikeMonitor",
     "swap",
     "unswap",
     "get_backend",

@@ -175,23 +175,47 @@ class SpikeMonitor:
         if rms_values is not None:
             spike, threshold = self._rms_detector.update(rms_values, np.asarray(present, dtype=bool))
             for i in np.flatnonzero(spike):
-                events.append({"step": step, "kind": "rms_spike", "layer": self.layer_names[i],
-                               "value": float(rms_values[i]), "threshold": float(threshold[i])})
+                events.append(
+                    {
+                        "step": step,
+                        "kind": "rms_spike",
+                        "layer": self.layer_names[i],
+                        "value": float(rms_values[i]),
+                        "threshold": float(threshold[i]),
+                    }
+                )
 
         # RMS spikes from steps before this one explain this step's loss (see the class docstring).
         while self._recent_rms and self._recent_rms[0]["step"] < step - self.link_steps:
             self._recent_rms.popleft()
         preceded_by = [dict(e) for e in self._recent_rms]
         if not math.isfinite(loss_value):
-            events.append({"step": step, "kind": "nonfinite_loss", "value": loss_value,
-                           "threshold": None, "preceded_by": preceded_by})
+            events.append(
+                {
+                    "step": step,
+                    "kind": "nonfinite_loss",
+                    "value": loss_value,
+                    "threshold": None,
+                    "preceded_by": preceded_by,
+                }
+            )
         else:
             spike, threshold = self._loss_detector.update(np.array([loss_value]))
             if spike[0]:
-                events.append({"step": step, "kind": "loss_spike", "value": loss_value,
-                               "threshold": float(threshold[0]), "preceded_by": preceded_by})
-        self._recent_rms.extend({"step": step, "layer": e["layer"], "value": e["value"]}
-                                for e in events if e["kind"] == "rms_spike")
+                events.append(
+                    {
+                        "step": step,
+                        "kind": "loss_spike",
+                        "value": loss_value,
+                        "threshold": float(threshold[0]),
+                        "preceded_by": preceded_by,
+                    }
+                )
+        self._recent_rms.extend(
+            {"step": step, "layer": e["layer"], "value": e["value"]}
+            for e in events
+            if e["kind"] == "rms_spike"
+        )
 
         action = self._act(step, events)
         for e in events:
@@ -231,8 +255,14 @@ class SpikeMonitor:
                 self._checkpoint.save(step)
         return "log"
 
-    def _record(self, step: int, loss_value: float, rms_values: np.ndarray | None, present: list[bool],
-                events: list[dict]) -> None:
+    def _record(
+        self,
+        step: int,
+        loss_value: float,
+        rms_values: np.ndarray | None,
+        present: list[bool],
+        events: list[dict],
+    ) -> None:
         if self.keep_history:
             self.history_steps.append(step)
             self.history_loss.append(loss_value)
@@ -242,8 +272,10 @@ class SpikeMonitor:
         if self._writers:
             record: dict = {"step": step, "loss": loss_value}
             if rms_values is not None:
-                record["rms"] = {name: (float(v) if ok else None)
-                                 for name, v, ok in zip(self.layer_names, rms_values, present)}
+                record["rms"] = {
+                    name: (float(v) if ok else None)
+                    for name, v, ok in zip(self.layer_names, rms_values, present)
+                }
             record["events"] = events
             for writer in self._writers:
                 writer.write(record)
@@ -288,9 +320,16 @@ class SpikeMonitor:
 
         if not self.keep_history:
             raise RuntimeError("SpikeMonitor(keep_history=False) has nothing to plot")
-        return plot_spikes(path, steps=self.history_steps, losses=self.history_loss,
-                           layer_names=self.layer_names, rms_steps=self.history_rms_steps,
-                           rms=self.history_rms, events=self.events, title=title)
+        return plot_spikes(
+            path,
+            steps=self.history_steps,
+            losses=self.history_loss,
+            layer_names=self.layer_names,
+            rms_steps=self.history_rms_steps,
+            rms=self.history_rms,
+            events=self.events,
+            title=title,
+        )
 
     def close(self) -> None:
         """Flushes and closes the writers and removes the optimizer hook ("skip")."""

@@ -73,14 +73,28 @@ def plot_spikes(
         by_kind.setdefault(e["kind"], []).append(e)
     spikes = by_kind.get("loss_spike", [])
     if spikes:
-        ax_loss.scatter([e["step"] for e in spikes], [e["value"] for e in spikes], marker="v", s=36,
-                        color="tab:red", zorder=3, label=f"loss spike ({len(spikes)})")
+        ax_loss.scatter(
+            [e["step"] for e in spikes],
+            [e["value"] for e in spikes],
+            marker="v",
+            s=36,
+            color="tab:red",
+            zorder=3,
+            label=f"loss spike ({len(spikes)})",
+        )
     nonfinite = by_kind.get("nonfinite_loss", [])
     if nonfinite:
         # No y value to plot at: mark them along the top edge.
-        ax_loss.scatter([e["step"] for e in nonfinite], [1.0] * len(nonfinite), marker="x", s=40,
-                        color="black", transform=ax_loss.get_xaxis_transform(), clip_on=False,
-                        label=f"non-finite loss ({len(nonfinite)})")
+        ax_loss.scatter(
+            [e["step"] for e in nonfinite],
+            [1.0] * len(nonfinite),
+            marker="x",
+            s=40,
+            color="black",
+            transform=ax_loss.get_xaxis_transform(),
+            clip_on=False,
+            label=f"non-finite loss ({len(nonfinite)})",
+        )
     ax_loss.set_ylabel("loss")
     ax_loss.legend(loc="upper right", fontsize=8)
     ax_loss.grid(alpha=0.3)
@@ -99,8 +113,14 @@ def plot_spikes(
         extent = (rms_steps[0] - step_w / 2, rms_steps[-1] + step_w / 2, n_layers - 0.5, -0.5)
         masked = np.ma.masked_invalid(np.where(rms > 0, rms, np.nan))
         cmap = mpl.colormaps["RdBu_r"].with_extremes(bad="0.55")  # dark grey: no value that step
-        im = ax_rms.imshow(masked, aspect="auto", interpolation="nearest", cmap=cmap,
-                           norm=LogNorm(vmin=1.0 / span, vmax=span), extent=extent)
+        im = ax_rms.imshow(
+            masked,
+            aspect="auto",
+            interpolation="nearest",
+            cmap=cmap,
+            norm=LogNorm(vmin=1.0 / span, vmax=span),
+            extent=extent,
+        )
         cbar = fig.colorbar(im, ax=ax_rms, label="RMS = sqrt(mean(g² / û))", pad=0.01)
         ticks = [m * 10.0**e for e in range(-3, 3) for m in (1, 2, 5)]
         cbar.set_ticks([t for t in ticks if 1.0 / span <= t <= span])
@@ -109,9 +129,16 @@ def plot_spikes(
     rms_events = by_kind.get("rms_spike", [])
     row = {name: i for i, name in enumerate(layer_names)}
     if rms_events:
-        ax_rms.scatter([e["step"] for e in rms_events], [row.get(e["layer"], math.nan) for e in rms_events],
-                       s=28, facecolors="none", edgecolors="black", linewidths=1.2, zorder=4,
-                       label=f"RMS spike ({len(rms_events)})")
+        ax_rms.scatter(
+            [e["step"] for e in rms_events],
+            [row.get(e["layer"], math.nan) for e in rms_events],
+            s=28,
+            facecolors="none",
+            edgecolors="black",
+            linewidths=1.2,
+            zorder=4,
+            label=f"RMS spike ({len(rms_events)})",
+        )
         ax_rms.legend(loc="upper right", fontsize=8)
     # Faint red lines carry each loss spike down into the heat map, to line it up with the layers.
     for e in spikes + nonfinite:

@@ -52,8 +52,12 @@ class StepUndo:
             for key, value in state.items():
                 if isinstance(value, torch.Tensor):
                     buf = self._state_bufs.get((i, key))
-                    if buf is None or buf.shape != value.shape or buf.dtype != value.dtype \
-                            or buf.device != value.device:
+                    if (
+                        buf is None
+                        or buf.shape != value.shape
+                        or buf.dtype != value.dtype
+                        or buf.device != value.device
+                    ):
                         buf = self._state_bufs[(i, key)] = torch.empty_like(value)
                     buf.copy_(value)
                     saved[key] = buf
@@ -80,8 +84,12 @@ class StepUndo:
             for key, value in saved.items():
                 current = state.get(key)
                 if isinstance(value, torch.Tensor):
-                    if isinstance(current, torch.Tensor) and current.shape == value.shape \
-                            and current.dtype == value.dtype and current.device == value.device:
+                    if (
+                        isinstance(current, torch.Tensor)
+                        and current.shape == value.shape
+                        and current.dtype == value.dtype
+                        and current.device == value.device
+                    ):
                         current.copy_(value)
                     else:
                         state[key] = value.clone()
@@ -117,8 +125,9 @@ class Checkpoint:
             tensor's own device (no host transfer, costs device memory).
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *,
-                 device: torch.device | str | None = "cpu") -> None:
+    def __init__(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, *, device: torch.device | str | None = "cpu"
+    ) -> None:
         self.model = model
         self.optimizer = optimizer
         self.device = device

@@ -57,8 +57,11 @@ class JsonlWriter:
             self._file.write(json.dumps(to_json_safe(record), allow_nan=False) + "\n")
             self._file.flush()
         except OSError as err:
-            warnings.warn(f"SpikeMonitor: writing {self.path} failed ({err}); JSONL logging stopped",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"SpikeMonitor: writing {self.path} failed ({err}); JSONL logging stopped",
+                RuntimeWarning,
+                stacklevel=2,
+            )
             self.close()
 
     def close(self) -> None:

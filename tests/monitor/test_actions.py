@@ -15,8 +15,11 @@ def _state(model, opt):
     """A deep, detached copy of parameters and optimizer state, keyed by parameter name."""
     names = {id(p): n for n, p in model.named_parameters()}
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
-    state = {names[id(p)]: copy.deepcopy({k: (v.clone() if torch.is_tensor(v) else v) for k, v in st.items()})
-             for p, st in opt.state.items() if st}
+    state = {
+        names[id(p)]: copy.deepcopy({k: (v.clone() if torch.is_tensor(v) else v) for k, v in st.items()})
+        for p, st in opt.state.items()
+        if st
+    }
     return params, state
 
 
@@ -83,7 +86,7 @@ def test_skip_first_step_drops_the_new_state_and_nothing_to_undo_is_none():
     model, opt = _make()
     mon = SpikeMonitor(model, opt, action="skip")
     before = _state(model, opt)
-    (x, y), = regression_batches(1)
+    ((x, y),) = regression_batches(1)
     train_step(model, opt, x, y)
     events = mon.step(float("nan"))
     assert events[0]["kind"] == "nonfinite_loss" and events[0]["action"] == "skip"
@@ -102,7 +105,9 @@ def test_skip_on_rms_spikes():
         train_step(model, opt, x, y, grad_scale={"embed.weight": 100.0} if step == 50 else None)
         events = mon.step(1.0)
         if step == 50:
-            assert ("rms_spike", "embed.weight", "skip") in [(e["kind"], e["layer"], e["action"]) for e in events]
+            assert ("rms_spike", "embed.weight", "skip") in [
+                (e["kind"], e["layer"], e["action"]) for e in events
+            ]
             _assert_same(_state(model, opt), before)
         opt.zero_grad()
 
@@ -142,6 +147,6 @@ def test_rollback_to_the_initial_state():
         opt.zero_grad()
     _assert_same(_state(model, opt), initial)
     # Training goes on from there.
-    (x, y), = regression_batches(1)
+    ((x, y),) = regression_batches(1)
     train_step(model, opt, x, y)
     assert all(float(st["step"]) == 1 for st in opt.state.values())
