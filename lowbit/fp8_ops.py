@@ -4,7 +4,7 @@ The rules (F is the fp8 format: e4m3 for inputs and weights, max 448; e5m2 for g
 
   cast, per row or per tensor, amax a over the group:
       scale     = F.max / max(a, AMAX_FLOOR)                    fp32
-      q         = F(clamp(x * scale, -F.max, F.max))            saturating, round to nearest even
+      q         = F(clamp(x * scale, -F.max, F.max))            x * scale in fp32; saturating; ties to even
       scale_inv = 1 / scale                                     what the matmul multiplies back
       a == 0         -> scale = scale_inv = 1, q = 0            (all-zero rows stay zero, never NaN)
       a not finite   -> q = 0, scale_inv = NaN                  (a group holding inf/NaN poisons its own
@@ -73,7 +73,8 @@ def to_float8(x: torch.Tensor, fp8_dtype: torch.dtype, *, rowwise: bool) -> tupl
     else:
         amax = torch.zeros(shape, dtype=torch.float32, device=x.device)
     finite = torch.isfinite(amax)
-    scale = torch.where(amax > 0, fp8_max / amax.clamp(min=AMAX_FLOOR), 1.0)
+    # A true division (python's `fp8_max / amax` is reciprocal-then-multiply, off by an ulp at times).
+    scale = torch.where(amax > 0, torch.full_like(amax, fp8_max) / amax.clamp(min=AMAX_FLOOR), 1.0)
     scale = torch.where(finite, scale, 0.0)
     # A non-finite group has scale 0: its finite values give 0, its inf/NaN give NaN, set to 0 here.
     y = torch.nan_to_num_(x.float() * scale, nan=0.0)
