@@ -1,4 +1,4 @@
-"""lowbit.kernels.quantize_tensorwise (plain and fused-transposed) against its torch twin and the fp64 rule."""
+"""lowbit.kernels.quantize_tensorwise, plain and fused-transposed, against its torch twin and fp64."""
 
 import pytest
 import torch
