@@ -6,15 +6,21 @@ training for large-scale vision-language models" (2023).
 """
 
 from lowbit._backend import get_backend, use_backend
-from lowbit.nn import SwitchBackLinear
+from lowbit.layer_scale import add_layer_scale, zero_init_layer_scale
+from lowbit.nn import Float8Linear, SwitchBackLinear
 from lowbit.monitor import SpikeMonitor
 from lowbit.optim import StableAdamW
+from lowbit.probe import FeatureProbe
 from lowbit.swap import swap, unswap
 
 __version__ = "0.1.0"
 
 __all__ = [
     "SwitchBackLinear",
+    "Float8Linear",
+    "zero_init_layer_scale",
+    "add_layer_scale",
+    "FeatureProbe",
     "StableAdamW",
     "SpikeMonitor",
     "swap",
