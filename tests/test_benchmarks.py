@@ -1,0 +1,127 @@
+"""Smoke test of benchmarks/: the "smoke" preset (every benchmark, tiny shapes) writes well-formed
+records, a report and plots. No timing is asserted: figures from a test run mean nothing."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from benchmarks import bench_optimizer, report, run_all
+from benchmarks.common import RECORD_FIELDS, Skip, optional_import, read_jsonl
+
+LOWBIT_IMPLS = ("nn.Linear", "switchback", "switchback-row", "switchback-memeff",
+                "lowbit-fp8-tensorwise", "lowbit-fp8-switchback", "lowbit-stableadamw",
+                "lowbit-stableadamw-per-tensor", "copy", "torch-ref", "triton", "torch.mm")
+
+
+def _missing_peer(params):
+    return optional_import("lowbit_no_such_package", "pip install lowbit-no-such-package")
+
+
+def _broken_peer(params):
+    raise RuntimeError("this peer is broken on purpose")
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """One run of the smoke preset, with a missing and a broken optimizer added to the peers."""
+    out = tmp_path_factory.mktemp("bench")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(bench_optimizer.IMPLS, "missing-peer", _missing_peer)
+        mp.setitem(bench_optimizer.IMPLS, "broken-peer", _broken_peer)
+        run_all.main(["--preset", "smoke", "--out", str(out), "--quiet"])
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    return out, rows
+
+
+def test_rows_have_the_record_fields(smoke_run):
+    _, rows = smoke_run
+    assert rows
+    for row in rows:
+        assert set(row) == set(RECORD_FIELDS)
+        assert row["status"] in ("ok", "skipped", "error")
+        assert row["device"] and row["torch"] and row["commit"] and row["dtype"]
+    assert {row["bench"] for row in rows} == set(run_all.BENCHES)
+
+
+def test_ok_rows_have_medians_spread_and_derived_figures(smoke_run):
+    _, rows = smoke_run
+    ok = [r for r in rows if r["status"] == "ok"]
+    for bench in run_all.BENCHES:
+        assert any(r["bench"] == bench for r in ok), f"no measurement from {bench}"
+    for r in ok:
+        assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+        assert r["speedup"] is None or r["speedup"] > 0
+    linear = [r for r in ok if r["bench"] == "linear"]
+    assert all(r["tflops"] > 0 and r["baseline"] == "nn.Linear" for r in linear)
+    assert all(r["speedup"] == 1.0 for r in linear if r["impl"] == "nn.Linear")
+    assert any(r["impl"] == "switchback" and r["speedup"] is not None for r in linear)
+    # Every SwitchBack variant computes the layer: its output is close to nn.Linear's.
+    assert all(r["extra"]["rel_err_vs_baseline"] < 0.05 for r in linear)
+    assert all(r["gbps"] > 0 for r in ok if r["bench"] in ("optimizer",) or r["impl"] == "copy")
+    assert all(r["samples_per_s"] > 0 for r in ok if r["bench"] == "clip_step")
+
+
+def test_missing_and_broken_peers_are_recorded_not_raised(smoke_run):
+    _, rows = smoke_run
+    by_impl = {r["impl"]: r for r in rows if r["bench"] == "optimizer"}
+    missing, broken = by_impl["missing-peer"], by_impl["broken-peer"]
+    assert missing["status"] == "skipped" and "not installed" in missing["reason"]
+    assert broken["status"] == "error" and "broken on purpose" in broken["reason"]
+    for r in rows:
+        if r["status"] != "ok":
+            assert r["reason"] and r["median_ms"] is None
+    if not torch.cuda.is_available():  # Triton kernels and fp8 are timed only on a GPU
+        skipped = {r["impl"] for r in rows if r["status"] == "skipped"}
+        assert {"triton", "torchao-fp8-tensorwise"} <= skipped
+
+
+def test_lowbit_implementations_do_not_error(smoke_run):
+    """Peers may fail on some machines (recorded as errors); lowbit's own paths must not."""
+    _, rows = smoke_run
+    errors = [(r["bench"], r["case"], r["impl"], r["reason"]) for r in rows
+              if r["status"] == "error" and r["impl"] in LOWBIT_IMPLS]
+    assert not errors
+
+
+def test_report_and_plots_are_written(smoke_run):
+    out, rows = smoke_run
+    text = (out / "report.md").read_text()
+    assert text.startswith("# lowbit benchmarks")
+    assert rows[0]["device"] in text and rows[0]["commit"] in text
+    assert "## Targets" in text and "## Linear layers" in text and "## Skipped and failed" in text
+    if not torch.cuda.is_available():
+        assert "not the target" in text
+    pngs = sorted(out.glob("*.png"))
+    assert pngs
+    assert all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+
+def test_report_rebuilds_from_results(smoke_run, tmp_path):
+    out, _ = smoke_run
+    for name in ("results.jsonl", "env.json"):
+        (tmp_path / name).write_bytes((out / name).read_bytes())
+    report.main([str(tmp_path)])
+    assert (tmp_path / "report.md").read_text().startswith("# lowbit benchmarks")
+    records = read_jsonl(tmp_path / "results.jsonl")
+    assert [dataclasses.asdict(r) for r in records] == [json.loads(x) for x in (out / "results.jsonl").open()]
+
+
+def test_full_preset_covers_the_issue_shapes():
+    settings = run_all.make_settings("full", torch.device("cpu"))
+    assert settings.dims == (768, 1024, 1280, 1664, 2048, 4096)
+    assert settings.tokens == (8192, 16384, 32768, 65536)
+    assert set(settings.passes) == {"fwd", "bwd", "fwd+bwd"}
+    assert {"ViT-B", "ViT-H"} == set(settings.optim_sets)
+    assert [m for m, _ in settings.clip_models] == ["ViT-B-32", "ViT-L-14", "ViT-H-14"]
+    assert run_all.parse_args(["--quick"]).preset == "quick"
+    with pytest.raises(ValueError):
+        run_all.make_settings("huge", torch.device("cpu"))
+
+
+def test_skip_is_an_exception_with_its_reason():
+    with pytest.raises(Skip, match="not installed"):
+        optional_import("lowbit_no_such_package", "pip install nothing")
