@@ -5,7 +5,7 @@ of the same name must give the same int8 values (bit for bit) and the same outpu
 rounding. The rules:
 
   quantize (per row, per column or per tensor), absmax a over the group:
-      q = clamp(rint(x * (127 / a)), -127, 127)      in fp32, ties to even
+      q = clamp(rint(x * (127 * (1 / a))), -127, 127)   in fp32, ties to even
       a == 0           -> q = 0, scale a = 0             (an all-zero row stays zero, never NaN)
       a not finite     -> q = 0, scale a = NaN           (inf/NaN poison their own output row only)
   dequantize after an int32 accumulate:
@@ -50,9 +50,13 @@ def _check_float_matrix(x: torch.Tensor, op: str) -> None:
 
 
 def _scale_inverse(absmax: torch.Tensor) -> torch.Tensor:
-    """127 / absmax where absmax is positive and finite, else 0 (so q = 0 there, never NaN)."""
+    """127 * (1 / absmax) where absmax is positive and finite, else 0 (so q = 0 there, never NaN).
+
+    Written as a correctly rounded reciprocal times 127 (what torch does for `127.0 / t` anyway),
+    so the kernels can repeat it exactly with div_rn(1, a) * 127.
+    """
     usable = torch.isfinite(absmax) & (absmax > 0)
-    return torch.where(usable, 127.0 / torch.where(usable, absmax, 1.0), 0.0)
+    return torch.where(usable, torch.where(usable, absmax, 1.0).reciprocal() * 127.0, 0.0)
 
 
 def _nan_if_not_finite(absmax: torch.Tensor) -> torch.Tensor:
