@@ -93,7 +93,8 @@ def _bnb_llm_int8(model: nn.Module, settings: Settings) -> nn.Module:
             has_fp16_weights=True, threshold=6.0,
         )
         layer.load_state_dict(linear.state_dict())
-        return layer.to(device=settings.device, dtype=settings.dtype)
+        # Two steps: Int8Params.to() drops the dtype when it moves a CPU weight to the GPU.
+        return layer.to(dtype=settings.dtype).to(device=settings.device)
 
     if isinstance(model, nn.Linear):
         return replace(model)

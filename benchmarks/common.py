@@ -51,6 +51,7 @@ class Env:
     lowbit_backend: str
     packages: dict[str, str | None]
     timestamp: str
+    load_avg: tuple[float, float, float] | None = None  # 1/5/15-minute load: how shared the CPU was
 
     @property
     def is_cuda(self) -> bool:
@@ -92,7 +93,8 @@ def collect_env(device: torch.device) -> Env:
         major, minor = torch.cuda.get_device_capability(index)
         capability = f"{major}.{minor}"
     else:
-        name = f"cpu: {platform.machine() or 'unknown'} ({torch.get_num_threads()} threads)"
+        threads = torch.get_num_threads()
+        name = f"cpu: {platform.machine() or 'unknown'} ({threads} thread{'s' if threads != 1 else ''})"
         capability = None
     from lowbit import get_backend
 
@@ -107,6 +109,7 @@ def collect_env(device: torch.device) -> Env:
         lowbit_backend=get_backend(),
         packages={dist: _version(dist) for dist in PACKAGES},
         timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        load_avg=tuple(round(x, 2) for x in os.getloadavg()) if hasattr(os, "getloadavg") else None,
     )
 
 
@@ -125,13 +128,18 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 @dataclass(frozen=True)
 class TimerConfig:
-    """How long to warm up and to measure. On a GPU these are do_bench's warmup / rep (ms)."""
+    """How long to warm up and to measure (ms). On a GPU, do_bench's warmup / rep by default.
+
+    `gpu_events=True` times on a GPU with CUDA events instead, honouring min_reps / min_warmup:
+    for steps of a second, where do_bench's time budget would leave two or three runs.
+    """
 
     warmup_ms: float = 25.0
     rep_ms: float = 100.0
-    min_reps: int = 3  # CPU only: at least this many timed runs, whatever rep_ms says
-    min_warmup: int = 1  # CPU only: at least this many warm-up runs (first calls pay for lazy init)
-    max_reps: int = 1000  # CPU only
+    min_reps: int = 3  # at least this many timed runs, whatever rep_ms says (not with do_bench)
+    min_warmup: int = 1  # at least this many warm-up runs: first calls pay for lazy init (idem)
+    max_reps: int = 1000  # (idem)
+    gpu_events: bool = False
 
 
 @dataclass(frozen=True)
@@ -153,7 +161,8 @@ class Settings:
     optim_sets: tuple[str, ...] = ("ViT-B", "ViT-H")
     # clip step: (open_clip model name, batch size); "tiny" builds a small CLIP in-process
     clip_models: tuple[tuple[str, int], ...] = ()
-    clip_timer: TimerConfig = TimerConfig(warmup_ms=500.0, rep_ms=3000.0)
+    clip_timer: TimerConfig = TimerConfig(warmup_ms=1000.0, rep_ms=5000.0, min_reps=10, min_warmup=3,
+                                          max_reps=50, gpu_events=True)
     impls: tuple[str, ...] | None = None  # None: every implementation; else only these (and baselines)
 
     def wants(self, impl: str, baseline: str) -> bool:
@@ -191,28 +200,27 @@ def _quantile(sorted_ms: list[float], q: float) -> float:
 
 
 def _time_cuda_events(fn, device, timer: TimerConfig, grad_to_none) -> Timing:
-    """CUDA-event timing, for a GPU machine without Triton."""
-    fn()
+    """CUDA-event timing: for long steps, and for a GPU machine without Triton."""
+    for _ in range(timer.min_warmup):
+        fn()
     synchronize(device)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
-    for _ in range(3):
-        fn()
+    fn()
     end.record()
     synchronize(device)
-    estimate = max(start.elapsed_time(end) / 3, 1e-3)
-    for _ in range(max(1, int(timer.warmup_ms / estimate))):
+    estimate = max(start.elapsed_time(end), 1e-3)
+    for _ in range(int(timer.warmup_ms / estimate)):
         fn()
-    times = []
-    for _ in range(max(timer.min_reps, int(timer.rep_ms / estimate))):
+    n_reps = min(timer.max_reps, max(timer.min_reps, int(timer.rep_ms / estimate)))
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n_reps)]
+    for start, end in events:
         _clear_grads(grad_to_none)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
         end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    times.sort()
+    synchronize(device)
+    times = sorted(start.elapsed_time(end) for start, end in events)
     return Timing(statistics.median(times), _quantile(times, 0.2), _quantile(times, 0.8), len(times))
 
 
@@ -250,6 +258,8 @@ def measure(
     try:
         from triton.testing import do_bench
     except ImportError:
+        do_bench = None
+    if do_bench is None or timer.gpu_events:
         return _time_cuda_events(fn, device, timer, grad_to_none)
     median, p20, p80 = do_bench(
         fn, warmup=timer.warmup_ms, rep=timer.rep_ms, grad_to_none=list(grad_to_none or []) or None,

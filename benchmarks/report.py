@@ -237,6 +237,8 @@ def _header(env: dict, records: Sequence[Record], settings: dict | None) -> list
         f"- commit: `{env['commit']}`, lowbit backend: {env.get('lowbit_backend')}",
         f"- date: {env.get('timestamp')}",
     ]
+    if env["device_type"] != "cuda" and env.get("load_avg"):
+        lines.append(f"- CPU load average (1/5/15 min) at the start: {env['load_avg']}")
     if settings:
         lines.append("- settings: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
     counts = defaultdict(int)

@@ -145,6 +145,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--passes", nargs="+", choices=["fwd", "bwd", "fwd+bwd"], help="linear passes to time")
     p.add_argument("--impls", nargs="+", help="only these implementations (baselines always run)")
     p.add_argument("--clip-models", nargs="+", metavar="NAME:BATCH", help="open_clip models and batch sizes")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: 1 for --quick on a CPU)")
     p.add_argument("--quiet", action="store_true", help="no line per measurement")
     args = p.parse_args(argv)
     if args.quick and args.preset not in (None, "quick"):
@@ -157,10 +158,24 @@ def main(argv: list[str] | None = None) -> Path:
     """Run the suite; returns the output folder."""
     args = parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        # Tensor cores for any fp32 matmul too (the optimizer and fp32 parts of the CLIP step).
-        torch.backends.cuda.matmul.allow_tf32 = True
+    threads = torch.get_num_threads()
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    try:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+            # Tensor cores for any fp32 matmul too (the optimizer and fp32 parts of the CLIP step).
+            torch.backends.cuda.matmul.allow_tf32 = True
+        elif args.threads or args.preset != "full":
+            # One thread unless asked: on a shared CPU, OpenMP threads that spin-wait for each other
+            # while descheduled make steps 10-100x slower and the timings noise.
+            torch.set_num_threads(args.threads or 1)
+        return _run(args, device)
+    finally:
+        torch.set_num_threads(threads)
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
+def _run(args: argparse.Namespace, device: torch.device) -> Path:
     settings = make_settings(args.preset, device, args)
     env = collect_env(device)
     out_dir = args.out or default_out_dir(env, args.preset)
@@ -170,7 +185,7 @@ def main(argv: list[str] | None = None) -> Path:
           f"torch {env.torch}, triton {env.triton}, commit {env.commit}")
     if not env.is_cuda:
         print("NOTE: CPU run. CPU figures are not the target: the int8 / fp8 paths are built for GPU tensor "
-              "cores; this run checks that the suite works.")
+              f"cores; this run checks that the suite works (load average {env.load_avg}).")
         if settings.preset == "full":
             print("WARNING: the full suite's shapes on a CPU take hours; use --quick.")
 

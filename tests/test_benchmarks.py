@@ -125,3 +125,25 @@ def test_full_preset_covers_the_issue_shapes():
 def test_skip_is_an_exception_with_its_reason():
     with pytest.raises(Skip, match="not installed"):
         optional_import("lowbit_no_such_package", "pip install nothing")
+
+
+def test_triton_rows_call_the_kernels_with_the_right_arguments(monkeypatch):
+    """The GPU-only "triton" rows, run once under Triton's interpreter on a tiny shape: on a CPU
+    this checks how the benchmark calls lowbit.kernels, not how fast they are."""
+    if not torch.cuda.is_available():
+        pytest.importorskip("triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        monkeypatch.setenv("LOWBIT_BENCH_INTERPRET", "1")
+    from benchmarks import bench_quantize
+    from benchmarks.common import Recorder, TimerConfig, collect_env
+
+    settings = dataclasses.replace(
+        run_all.make_settings("smoke", torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+        quant_shapes=((40, 24),), impls=("triton",),
+        timer=TimerConfig(warmup_ms=0, rep_ms=0, min_reps=1, max_reps=1),
+    )
+    rec = Recorder("quantize", collect_env(settings.device), settings.dtype, verbose=False)
+    bench_quantize.run(settings, rec)
+    triton_rows = [r for r in rec.records if r.impl == "triton"]
+    assert len(triton_rows) == len(bench_quantize.QUANTIZE_OPS) + 1
+    assert all(r.status == "ok" for r in triton_rows), [(r.case, r.reason) for r in triton_rows]
