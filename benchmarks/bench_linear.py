@@ -140,8 +140,11 @@ def _flops(kind: str, d: int, tokens: int, pass_: str) -> float:
     return {"fwd": fwd, "bwd": 2 * fwd, "fwd+bwd": 3 * fwd}[pass_]
 
 
-def _rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((y.float() - ref.float()).norm() / ref.float().norm().clamp_min(1e-30)).item()
+def _rel_err(y: torch.Tensor, ref: torch.Tensor, rows: int = 4096) -> float:
+    """||y - ref|| / ||ref|| over the first rows: a check that an implementation computes the layer
+    (a broken peer set-up shows here), in fp32 without 4 GB temporaries at 65k tokens."""
+    y, ref = y[:rows].float(), ref[:rows].float()
+    return ((y - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
 def _time_pass(model: nn.Module, x: torch.Tensor, g: torch.Tensor, pass_: str, settings: Settings) -> Timing:
