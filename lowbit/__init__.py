@@ -7,8 +7,8 @@ training for large-scale vision-language models" (2023).
 
 from lowbit._backend import get_backend, use_backend
 from lowbit.layer_scale import add_layer_scale, zero_init_layer_scale
-from lowbit.nn import Float8Linear, SwitchBackLinear
 from lowbit.monitor import SpikeMonitor
+from lowbit.nn import Float8Linear, SwitchBackLinear
 from lowbit.optim import StableAdamW
 from lowbit.probe import FeatureProbe
 from lowbit.swap import swap, unswap

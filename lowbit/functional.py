@@ -37,6 +37,9 @@ def _quantize_weight_t(weight: torch.Tensor, config: SwitchBackConfig) -> tuple[
     return ops.quantize_colwise_transposed(weight)
 
 
+_DEFAULT_CONFIG = SwitchBackConfig()
+
+
 class _SwitchBackMatmul(torch.autograd.Function):
     """out (M, N) = x (M, K) @ weight (N, K).T + bias, int8 forward and grad_input, 16-bit grad_weight."""
 
@@ -110,7 +113,7 @@ def switchback_linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
-    config: SwitchBackConfig = SwitchBackConfig(),
+    config: SwitchBackConfig = _DEFAULT_CONFIG,
     weight_cache: Int8WeightCache | None = None,
 ) -> torch.Tensor:
     """SwitchBack's F.linear: input (..., K) @ weight (N, K).T + bias -> (..., N) in the input's dtype.

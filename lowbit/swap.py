@@ -12,7 +12,6 @@ from torch import nn
 
 from lowbit.nn.attention import LowbitMultiheadAttention, can_wrap
 from lowbit.nn.base import LowbitLinear
-from lowbit.nn.switchback import SwitchBackLinear
 
 __all__ = ["swap", "unswap", "default_filter", "MIN_FEATURES", "LAYER_NAMES"]
 

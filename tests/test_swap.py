@@ -128,7 +128,8 @@ def test_filter_fn_class_and_kwargs():
     swapped = lowbit.swap(model, SwitchBackLinear, filter_fn=lambda m, n: "mlp" in n, weight_quant="row")
     layers = [m for m in swapped.modules() if isinstance(m, SwitchBackLinear)]
     assert len(layers) == 24 and all(m.config.weight_quant == "row" for m in layers)
-    assert isinstance(swapped.blocks[0].attn.qkv, nn.Linear) and not isinstance(swapped.blocks[0].attn.qkv, SwitchBackLinear)
+    qkv = swapped.blocks[0].attn.qkv
+    assert isinstance(qkv, nn.Linear) and not isinstance(qkv, SwitchBackLinear)
     with pytest.raises(ValueError, match="unknown layer name"):
         lowbit.swap(model, "int4")
     with pytest.raises(TypeError, match="LowbitLinear subclass"):

@@ -21,7 +21,7 @@ class LowbitLinear(nn.Linear):
         return self.linear(input, self.weight, self.bias)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, **kwargs) -> "LowbitLinear":
+    def from_linear(cls, linear: nn.Linear, **kwargs) -> LowbitLinear:
         """A layer of this class that shares `linear`'s Parameters (no copy) and training mode.
 
         `linear` is kept (not as a submodule, so state_dict keys stay the same) for `to_original`.
