@@ -173,7 +173,7 @@ def main(argv=None) -> list[dict]:
     for r in results:
         print(
             f"{r['run']:<22} {r['first_loss']:>10.4f} {r['final_loss']:>10.4f} {r['max_feature']:>14.2f} "
-            f"{r['final_feature']:>16.2f} {str(r['diverged']):>9} {r['seconds']:>6.1f}"
+            f"{r['final_feature']:>16.2f} {r['diverged']!s:>9} {r['seconds']:>6.1f}"
         )
 
     table = {"args": {k: str(v) for k, v in vars(args).items()}, "torch": torch.__version__, "results": results}

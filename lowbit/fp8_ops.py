@@ -34,12 +34,12 @@ import functools
 import torch
 
 __all__ = [
+    "AMAX_FLOOR",
     "E4M3",
     "E5M2",
-    "AMAX_FLOOR",
-    "to_float8",
     "float8_mm",
     "fp8_matmul_unavailable_reason",
+    "to_float8",
     "use_scaled_mm",
 ]
 
@@ -171,12 +171,12 @@ def _scaled_mm_padded(
     return out[:, :n]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cpu_scaled_mm_works() -> bool:
     try:
         a = torch.zeros(16, 16, dtype=E4M3)

@@ -18,7 +18,7 @@ import sys
 import torch
 from torch import nn
 
-__all__ = ["zero_init_layer_scale", "add_layer_scale", "layer_scale_modules"]
+__all__ = ["add_layer_scale", "layer_scale_modules", "zero_init_layer_scale"]
 
 # (block attribute names, module that defines the LayerScale to insert there)
 _SLOTS = (

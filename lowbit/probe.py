@@ -7,6 +7,7 @@ precision. This is the quantity to watch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -92,7 +93,7 @@ class FeatureProbe:
     def max(self) -> float:
         """The largest max |output| over all blocks (nan if one is NaN, 0.0 before any forward)."""
         values = list(self.max_abs.values())
-        if any(v != v for v in values):
+        if any(math.isnan(v) for v in values):
             return float("nan")
         return max(values, default=0.0)
 
@@ -106,7 +107,7 @@ class FeatureProbe:
             handle.remove()
         self._handles = []
 
-    def __enter__(self) -> "FeatureProbe":
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:

@@ -125,7 +125,7 @@ def test_saturating_cast(fmt, simulate):
     assert torch.allclose(q.float()[0, 0] * scale_inv, torch.tensor(3.0e38), rtol=1e-6)
     # Through the layer: gradients far beyond e5m2's 57344 before scaling give finite results.
     x, w, b, g = make()
-    out, gx, gw, _ = run_layer(x * 1e6, w, b, g * 1e30, Float8Config(recipe="switchback", simulate=simulate))
+    out, gx, _, _ = run_layer(x * 1e6, w, b, g * 1e30, Float8Config(recipe="switchback", simulate=simulate))
     assert torch.isfinite(out).all() and torch.isfinite(gx).all()
     ref = float8_linear_ref(x * 1e6, w, b, g * 1e30, "switchback")
     assert sqnr_db(ref[1], gx) >= 45
@@ -140,7 +140,7 @@ def test_zero_tensors(recipe, simulate):
     out, gx, gw, gb = run_layer(zero_x, w, b, g, config)
     assert torch.equal(out, b.expand_as(out)) and torch.equal(gw, torch.zeros_like(w))
     assert torch.isfinite(gx).all()
-    out, gx, gw, _ = run_layer(x, zero_w, b, g, config)
+    out, gx, _, _ = run_layer(x, zero_w, b, g, config)
     assert torch.equal(out, b.expand_as(out)) and torch.equal(gx, torch.zeros_like(gx))
     out, gx, gw, gb = run_layer(x, w, b, zero_g, config)
     assert torch.equal(gx, torch.zeros_like(gx)) and torch.equal(gw, torch.zeros_like(gw))
@@ -152,7 +152,7 @@ def test_zero_tensors(recipe, simulate):
 
 
 def test_empty_batch():
-    x, w, b, _ = make()
+    _, w, b, _ = make()
     for recipe in RECIPES:
         out, gx, gw, gb = run_layer(torch.zeros(0, 56), w, b, torch.zeros(0, 72), Float8Config(recipe=recipe))
         assert out.shape == (0, 72) and gx.shape == (0, 56)
@@ -323,3 +323,17 @@ def test_round_fp8_reference_against_known_values():
     assert round_fp8(torch.tensor([1.125, 1.375, 6e4, 2.0**-16, 2.0**-17]), "e5m2").tolist() == [
         1.0, 1.5, 57344.0, 2.0**-16, 0.0
     ]
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_torch_compile_fullgraph(recipe):
+    """The layer traces without graph breaks (aot_eager: the trace, not inductor's code generation)."""
+    torch._dynamo.reset()
+    layer = Float8Linear(32, 48, recipe=recipe)
+    x = torch.randn(4, 5, 32, requires_grad=True)
+    ref = layer(x)
+    ref.sum().backward()
+    grad_ref, x.grad = x.grad, None
+    out = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
+    out.sum().backward()
+    assert torch.equal(out, ref) and torch.equal(x.grad, grad_ref)

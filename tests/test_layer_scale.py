@@ -8,9 +8,9 @@ import lowbit
 
 open_clip = pytest.importorskip("open_clip")
 timm = pytest.importorskip("timm")
-from open_clip.transformer import LayerScale as OpenClipLayerScale  # noqa: E402
-from open_clip.transformer import VisionTransformer  # noqa: E402
-from timm.layers import LayerScale as TimmLayerScale  # noqa: E402
+from open_clip.transformer import LayerScale as OpenClipLayerScale
+from open_clip.transformer import VisionTransformer
+from timm.layers import LayerScale as TimmLayerScale
 
 
 def small_open_clip_vit(ls_init_value=None):
@@ -23,8 +23,14 @@ def small_open_clip_vit(ls_init_value=None):
 def small_open_clip_clip(ls_init_value=None):
     return open_clip.CLIP(
         embed_dim=32,
-        vision_cfg=dict(image_size=32, patch_size=8, width=64, layers=2, head_width=16, ls_init_value=ls_init_value),
-        text_cfg=dict(context_length=8, vocab_size=64, width=32, heads=2, layers=2, ls_init_value=ls_init_value),
+        vision_cfg={
+            "image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 16,
+            "ls_init_value": ls_init_value,
+        },
+        text_cfg={
+            "context_length": 8, "vocab_size": 64, "width": 32, "heads": 2, "layers": 2,
+            "ls_init_value": ls_init_value,
+        },
     )
 
 
@@ -115,7 +121,7 @@ def test_open_clip_clip_both_towers_and_fp8_swap():
     assert len(names) == 8 and any(n.startswith("visual.") for n in names) and any(n.startswith("transformer.") for n in names)
     lowbit.swap(model, "fp8-tensorwise", filter_fn=lambda m, n: True, simulate=True)
     image, text = torch.randn(2, 3, 32, 32), torch.randint(0, 64, (2, 8))
-    image_features, text_features, logit_scale = model(image, text)
+    image_features, text_features, _ = model(image, text)
     (image_features @ text_features.T).sum().backward()
     grads = [m.gamma.grad for _, m in lowbit.layer_scale.layer_scale_modules(model)]
     assert all(g is not None and g.abs().sum() > 0 for g in grads)
