@@ -167,7 +167,10 @@ def main(argv=None) -> list[dict]:
 
     results = [train(args, name, images, labels) for name in args.runs]
 
-    header = f"{'run':<22} {'first loss':>10} {'final loss':>10} {'max |feature|':>14} {'final |feature|':>16} {'diverged':>9} {'s':>6}"
+    header = (
+        f"{'run':<22} {'first loss':>10} {'final loss':>10} {'max |feature|':>14} {'final |feature|':>16} "
+        f"{'diverged':>9} {'s':>6}"
+    )
     print(header)
     print("-" * len(header))
     for r in results:

@@ -20,6 +20,8 @@ from lowbit.fp8_ops import E4M3, E5M2
 
 __all__ = ["float8_linear"]
 
+_DEFAULT_CONFIG = Float8Config()
+
 
 def _output(x, weight, bias, config: Float8Config, scaled_mm: bool):
     """out = x @ w.T + bias with x and w in e4m3; also returns x's fp8 copy and scale."""
@@ -93,7 +95,7 @@ def float8_linear(
     weight: torch.Tensor,
     bias: torch.Tensor | None = None,
     *,
-    config: Float8Config = Float8Config(),
+    config: Float8Config = _DEFAULT_CONFIG,
 ) -> torch.Tensor:
     """float8 F.linear: input (..., K) @ weight (N, K).T + bias -> (..., N) in the input's dtype.
 

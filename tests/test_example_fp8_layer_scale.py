@@ -21,7 +21,8 @@ def load_example():
 
 def test_runs_tiny(tmp_path, capsys):
     example = load_example()
-    argv = ["--out", str(tmp_path), "--steps", "3", "--width", "32", "--depth", "1", "--batch-size", "8", "--warmup", "1"]
+    argv = ["--out", str(tmp_path), "--steps", "3", "--width", "32", "--depth", "1", "--batch-size", "8"]
+    argv += ["--warmup", "1"]
     results = example.main(argv)
     assert [r["run"] for r in results] == list(example.RUNS)
     for r in results:

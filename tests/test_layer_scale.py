@@ -8,9 +8,9 @@ import lowbit
 
 open_clip = pytest.importorskip("open_clip")
 timm = pytest.importorskip("timm")
-from open_clip.transformer import LayerScale as OpenClipLayerScale
-from open_clip.transformer import VisionTransformer
-from timm.layers import LayerScale as TimmLayerScale
+OpenClipLayerScale = open_clip.transformer.LayerScale
+VisionTransformer = open_clip.transformer.VisionTransformer
+TimmLayerScale = timm.layers.LayerScale
 
 
 def small_open_clip_vit(ls_init_value=None):
@@ -61,7 +61,9 @@ def test_open_clip_zero_init():
     model = small_open_clip_vit(ls_init_value=1e-5)
     assert lowbit.zero_init_layer_scale(model) is model
     x = torch.randn(2, 3, 32, 32)
-    assert_zero_trainable_and_reached_by_grads(model, open_clip_slots(model), OpenClipLayerScale, lambda: model(x).square().sum())
+    assert_zero_trainable_and_reached_by_grads(
+        model, open_clip_slots(model), OpenClipLayerScale, lambda: model(x).square().sum()
+    )
     # With gamma = 0 every block is the identity: x + 0 * attn(...) + 0 * mlp(...).
     tokens = torch.randn(2, 17, 64)
     assert torch.equal(model.transformer(tokens), tokens)
@@ -89,7 +91,9 @@ def test_init_value_zero_means_no_layer_scale_then_add_it():
     assert set(model.state_dict()) - keys == {f"blocks.{i}.ls{j}.gamma" for i in range(2) for j in (1, 2)}
     assert all(m.gamma.shape == (192,) for m in timm_slots(model))
     x = torch.randn(2, 3, 32, 32)
-    assert_zero_trainable_and_reached_by_grads(model, timm_slots(model), TimmLayerScale, lambda: model(x).square().sum())
+    assert_zero_trainable_and_reached_by_grads(
+        model, timm_slots(model), TimmLayerScale, lambda: model(x).square().sum()
+    )
 
 
 def test_open_clip_add_layer_scale_dim_device_dtype():
@@ -118,7 +122,8 @@ def test_open_clip_clip_both_towers_and_fp8_swap():
     model = small_open_clip_clip(ls_init_value=1e-5)
     lowbit.zero_init_layer_scale(model)
     names = [n for n, _ in lowbit.layer_scale.layer_scale_modules(model)]
-    assert len(names) == 8 and any(n.startswith("visual.") for n in names) and any(n.startswith("transformer.") for n in names)
+    assert len(names) == 8
+    assert any(n.startswith("visual.") for n in names) and any(n.startswith("transformer.") for n in names)
     lowbit.swap(model, "fp8-tensorwise", filter_fn=lambda m, n: True, simulate=True)
     image, text = torch.randn(2, 3, 32, 32), torch.randint(0, 64, (2, 8))
     image_features, text_features, _ = model(image, text)
@@ -141,7 +146,9 @@ def block_outputs(model, blocks):
     """Max |output| of each block, captured by the test's own hooks."""
     seen = {}
     handles = [
-        b.register_forward_hook(lambda m, a, out, name=name: seen.__setitem__(name, out.detach().abs().max().item()))
+        b.register_forward_hook(
+            lambda m, a, out, name=name: seen.__setitem__(name, out.detach().abs().max().item())
+        )
         for name, b in blocks.items()
     ]
     return seen, handles
