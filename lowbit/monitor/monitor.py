@@ -212,9 +212,7 @@ class SpikeMonitor:
                     }
                 )
         self._recent_rms.extend(
-            {"step": step, "layer": e["layer"], "value": e["value"]}
-            for e in events
-            if e["kind"] == "rms_spike"
+            {"step": step, "layer": e["layer"], "value": e["value"]} for e in events if e["kind"] == "rms_spike"
         )
 
         action = self._act(step, events)
@@ -273,8 +271,7 @@ class SpikeMonitor:
             record: dict = {"step": step, "loss": loss_value}
             if rms_values is not None:
                 record["rms"] = {
-                    name: (float(v) if ok else None)
-                    for name, v, ok in zip(self.layer_names, rms_values, present)
+                    name: (float(v) if ok else None) for name, v, ok in zip(self.layer_names, rms_values, present)
                 }
             record["events"] = events
             for writer in self._writers:
@@ -302,12 +299,15 @@ class SpikeMonitor:
         linked = sum(bool(e["preceded_by"]) for e in self.events if e["kind"] == "loss_spike")
         return {**counts, "loss_spike_onsets": len(onsets), "loss_spikes_preceded": linked}
 
-    def plot(self, path: str | os.PathLike, *, title: str | None = None) -> Path:
+    def plot(
+        self, path: str | os.PathLike, *, title: str | None = None, step_range: tuple[int, int] | None = None
+    ) -> Path:
         """Writes the loss curve (spikes marked) above the per-layer RMS heat map as a PNG.
 
         Args:
             path: the PNG file (written atomically).
             title: figure title.
+            step_range: (first, last) steps to draw, to zoom into a spike; None: the whole run.
 
         Returns:
             The path written.
@@ -329,6 +329,7 @@ class SpikeMonitor:
             rms=self.history_rms,
             events=self.events,
             title=title,
+            step_range=step_range,
         )
 
     def close(self) -> None:

@@ -24,6 +24,7 @@ def plot_spikes(
     rms: np.ndarray,
     events: Sequence[dict],
     title: str | None = None,
+    step_range: tuple[int, int] | None = None,
 ) -> Path:
     """Draws the loss curve over the per-layer RMS heat map and writes a PNG atomically.
 
@@ -36,6 +37,7 @@ def plot_spikes(
         rms: shape (len(layer_names), len(rms_steps)); NaN where a layer had no value.
         events: the monitor's events (dicts with `step`, `kind`, `layer`, `value`).
         title: figure title.
+        step_range: (first, last) steps to draw, inclusive, to zoom into a spike; None: all.
 
     Returns:
         The path written.
@@ -54,7 +56,16 @@ def plot_spikes(
     path.parent.mkdir(parents=True, exist_ok=True)
     steps_a = np.asarray(steps, dtype=np.int64)
     loss_a = np.asarray(losses, dtype=np.float64)
-    rms = np.asarray(rms, dtype=np.float64).reshape(len(layer_names), len(rms_steps))
+    rms_steps_a = np.asarray(rms_steps, dtype=np.int64)
+    rms = np.asarray(rms, dtype=np.float64).reshape(len(layer_names), len(rms_steps_a))
+    if step_range is not None:
+        lo, hi = step_range
+        keep = (steps_a >= lo) & (steps_a <= hi)
+        steps_a, loss_a = steps_a[keep], loss_a[keep]
+        keep_rms = (rms_steps_a >= lo) & (rms_steps_a <= hi)
+        rms_steps_a, rms = rms_steps_a[keep_rms], rms[:, keep_rms]
+        events = [e for e in events if lo <= e["step"] <= hi]
+    rms_steps = rms_steps_a.tolist()
     n_layers = len(layer_names)
 
     # A figure object rather than pyplot: no global state, no GUI backend, safe in worker threads.
@@ -140,9 +151,11 @@ def plot_spikes(
             label=f"RMS spike ({len(rms_events)})",
         )
         ax_rms.legend(loc="upper right", fontsize=8)
-    # Faint red lines carry each loss spike down into the heat map, to line it up with the layers.
-    for e in spikes + nonfinite:
-        ax_rms.axvline(e["step"], color="tab:red", lw=0.8, alpha=0.6, zorder=3)
+    # Red lines carry the loss spikes down into the heat map, to line them up with the layers
+    # (only where a run of flagged steps starts, so a long episode does not paint over the map).
+    flagged = {e["step"] for e in spikes + nonfinite}
+    for step in sorted(s for s in flagged if s - 1 not in flagged):
+        ax_rms.axvline(step, color="tab:red", lw=0.9, ls="--", alpha=0.8, zorder=3)
     every = max(1, math.ceil(n_layers / 40))  # keep the labels legible on big models
     ax_rms.set_yticks(range(0, n_layers, every))
     ax_rms.set_yticklabels([layer_names[i] for i in range(0, n_layers, every)], fontsize=7)

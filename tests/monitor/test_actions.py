@@ -105,9 +105,7 @@ def test_skip_on_rms_spikes():
         train_step(model, opt, x, y, grad_scale={"embed.weight": 100.0} if step == 50 else None)
         events = mon.step(1.0)
         if step == 50:
-            assert ("rms_spike", "embed.weight", "skip") in [
-                (e["kind"], e["layer"], e["action"]) for e in events
-            ]
+            assert ("rms_spike", "embed.weight", "skip") in [(e["kind"], e["layer"], e["action"]) for e in events]
             _assert_same(_state(model, opt), before)
         opt.zero_grad()
 

@@ -29,9 +29,7 @@ def test_jsonl_one_strict_line_per_step(tmp_path):
     lines = path.read_text().splitlines()
     assert len(lines) == 40
     # Strict JSON: no NaN / Infinity tokens anywhere.
-    records = [
-        json.loads(line, parse_constant=lambda c: pytest.fail(f"non-strict JSON {c}")) for line in lines
-    ]
+    records = [json.loads(line, parse_constant=lambda c: pytest.fail(f"non-strict JSON {c}")) for line in lines]
     assert records == read_jsonl(path)
     assert [r["step"] for r in records] == list(range(1, 41))
     for r, loss in zip(records, mon.history_loss):
