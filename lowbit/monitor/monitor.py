@@ -73,9 +73,11 @@ class SpikeMonitor:
       copy taken at construction and then every `snapshot_every` steps that raised no event.
       Hyperparameters (lr) are left as they are, so a schedule keeps its own clock.
 
-    Host syncs: all RMS values and the loss are stacked on the device and moved to the host with
-    one transfer per step (RMS only every `every` steps). Snapshots for "rollback" on the CPU cost
-    one device-to-host copy each.
+    Cost: all RMS values and the loss are stacked on the device and moved to the host with one
+    transfer per step, the only host sync; "rollback" snapshots on the CPU add one device-to-host
+    copy each. Computing RMS reads every gradient and second moment once, a memory-bound pass
+    that costs roughly half to one AdamW step on large tensors (measured on a CPU; the detectors
+    add ~0.2 ms per step); `every=N` computes it every N steps instead.
 
     Args:
         model: names the parameters (`model.named_parameters()`); saved by "rollback".
@@ -91,6 +93,8 @@ class SpikeMonitor:
         jsonl: write one JSON line per step here (format in `lowbit.monitor.writers`).
         tensorboard: a TensorBoard log dir (needs the `tensorboard` package).
         keep_history: keep losses and RMS values in memory for `plot()`.
+        foreach: compute RMS with grouped `torch._foreach_*` calls (few kernel launches) or, False,
+            one tensor at a time (cache-friendly, least temporary memory); None: foreach on CUDA.
 
     Raises:
         ValueError: for an unknown action or event kind, or a non-Adam-family optimizer.
@@ -112,6 +116,7 @@ class SpikeMonitor:
         jsonl: str | os.PathLike | None = None,
         tensorboard: str | os.PathLike | None = None,
         keep_history: bool = True,
+        foreach: bool | None = None,
     ) -> None:
         if action not in ACTIONS:
             raise ValueError(f"action must be one of {ACTIONS}, got {action!r}")
@@ -128,7 +133,7 @@ class SpikeMonitor:
         self.every = every
         self.snapshot_every = snapshot_every
 
-        self.signal = RMSSignal(model, optimizer)
+        self.signal = RMSSignal(model, optimizer, foreach=foreach)
         self.layer_names: list[str] = list(self.signal.names)
         self._loss_detector = RobustDetector(loss, 1)
         self._rms_detector = RobustDetector(rms, len(self.layer_names))

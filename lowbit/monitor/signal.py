@@ -33,19 +33,36 @@ def _unbiased_second_moment(optimizer: torch.optim.Optimizer) -> bool:
     return any(cls.__name__ == "StableAdamW" for cls in type(optimizer).__mro__)
 
 
+# Bound on the elements one foreach call works on: its temporaries (g^2 / u, fp32) then cost at most
+# 2 x 4 x 2^26 bytes = 512 MiB, however large the model.
+_FOREACH_MAX_NUMEL = 2**26
+
+
 class RMSSignal:
     """Computes RMS_t for every parameter the optimizer holds, named by the model's qualified names.
+
+    Two paths compute the same ops: `foreach=True` groups the parameters into a few
+    `torch._foreach_*` calls, a constant number of kernel launches per step (what a GPU wants);
+    `foreach=False` runs one tensor at a time, which keeps each tensor's temporaries in cache (what
+    a CPU wants: measured 1.5x faster there) and needs less temporary memory. None picks foreach
+    when every parameter is on CUDA, as torch's optimizers do. Both use the identity
+
+        g^2 / max(u / bc, eps^2) = bc * g^2 / max(u, bc * eps^2),    bc = 1 - beta2^t,
+
+    so the bias correction is a per-tensor scalar applied to the reduced value, and the mean's
+    1 / numel is a host-side scalar too: nothing is copied between host and device.
 
     Args:
         model: the module whose `named_parameters()` name the layers.
         optimizer: an Adam-family optimizer: param groups with `betas` and `eps`, per-parameter
             state with `exp_avg_sq` and `step`.
+        foreach: True / False for the grouped / per-tensor path; None: foreach on CUDA.
 
     Raises:
         ValueError: if a param group has no `betas` (not an Adam-family optimizer).
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, *, foreach: bool | None = None) -> None:
         names = {id(p): n for n, p in model.named_parameters()}
         self.optimizer = optimizer
         self.unbiased = _unbiased_second_moment(optimizer)
@@ -67,6 +84,9 @@ class RMSSignal:
                 # A parameter the optimizer holds but the model does not gets a positional name.
                 self.names.append(names.get(id(p), f"param_groups.{gi}.params.{pi}"))
                 self._groups.append(group)
+        if foreach is None:
+            foreach = bool(self.params) and all(p.device.type == "cuda" for p in self.params)
+        self.foreach = foreach
         self._nan: dict[torch.device, torch.Tensor] = {}
 
     def _nan_on(self, device: torch.device) -> torch.Tensor:
@@ -85,33 +105,60 @@ class RMSSignal:
             the host from Python-side facts only, so computing it never syncs with the device.
         """
         device = self.params[0].device if self.params else torch.device("cpu")
-        values: list[torch.Tensor] = []
-        present: list[bool] = []
-        for p, group in zip(self.params, self._groups):
+        values: list[torch.Tensor | None] = [None] * len(self.params)
+        # (index, g, u, bc, eps) of the parameters whose RMS is computed below.
+        todo: list[tuple[int, torch.Tensor, torch.Tensor, float, float]] = []
+        for i, (p, group) in enumerate(zip(self.params, self._groups)):
             g = p.grad
             state = self.optimizer.state.get(p)
             if g is None or g.is_sparse or not state or "exp_avg_sq" not in state:
-                values.append(self._nan_on(device))
-                present.append(False)
                 continue
             if "rms" in state:
                 # StableAdamW already computed exactly this quantity (from the same g_t and u_t).
-                values.append(state["rms"].detach().float().reshape(()).to(device))
-                present.append(True)
+                values[i] = state["rms"].detach().float().reshape(()).to(device)
                 continue
-            beta2 = group["betas"][1]
-            eps = group["eps"]
-            u = state["exp_avg_sq"].float()
-            if not self.unbiased:
-                step = state["step"]
-                if isinstance(step, torch.Tensor) and step.device.type != "cpu":
-                    # capturable / fused optimizers keep the step on the device: stay there (no sync).
-                    u = u / (1.0 - beta2 ** step.float())
-                else:
-                    u = u / (1.0 - beta2 ** float(step))
-            ratio = g.float().square() / u.clamp_min(eps * eps)
-            values.append(ratio.mean().sqrt().to(device))
-            present.append(True)
+            beta2, eps = group["betas"][1], group["eps"]
+            u = state["exp_avg_sq"]
+            step = state["step"]
+            if not self.unbiased and isinstance(step, torch.Tensor) and step.device.type != "cpu":
+                # capturable / fused optimizers keep the step on the device: stay there (no sync).
+                u_hat = u.float() / (1.0 - beta2 ** step.float())
+                values[i] = (g.float().square() / u_hat.clamp_min(eps * eps)).mean().sqrt().to(device)
+                continue
+            bc = 1.0 if self.unbiased else 1.0 - beta2 ** float(step)
+            todo.append((i, g, u, bc, eps))
+        if self.foreach:
+            self._foreach(todo, values, device)
+        else:
+            for i, g, u, bc, eps in todo:
+                # mean(g^2 / max(u / bc, eps^2)) = bc * mean(g^2 / max(u, bc * eps^2))
+                ratio = g.float().square().div_(u.float().clamp_min(bc * eps * eps))
+                values[i] = ratio.mean().mul_(bc).sqrt_().to(device)
+        present = [v is not None for v in values]
         if not values:
             return torch.empty(0, device=device), present
-        return torch.stack(values), present
+        return torch.stack([v if v is not None else self._nan_on(device) for v in values]), present
+
+    def _foreach(self, todo: list, values: list, device: torch.device) -> None:
+        """The same math as the per-tensor path, in chunks of at most _FOREACH_MAX_NUMEL elements."""
+        chunk: list = []
+        numel = 0
+        for item in [*todo, None]:
+            if item is not None and (not chunk or numel + item[1].numel() <= _FOREACH_MAX_NUMEL):
+                chunk.append(item)
+                numel += item[1].numel()
+                continue
+            if chunk:
+                gs = [g.float() for _, g, _, _, _ in chunk]
+                us = [u.float() for _, _, u, _, _ in chunk]
+                # ratio = g^2 / max(u, bc eps^2)
+                ratio = torch._foreach_mul(gs, gs)
+                torch._foreach_div_(ratio, torch._foreach_clamp_min(us, [bc * eps * eps for _, _, _, bc, eps in chunk]))
+                # RMS = sqrt(bc * sum(ratio) / numel); the ratio is >= 0, so its sum is its L1 norm
+                sums = torch._foreach_norm(ratio, 1)
+                del ratio
+                torch._foreach_mul_(sums, [bc / max(g.numel(), 1) for _, g, _, bc, _ in chunk])
+                torch._foreach_sqrt_(sums)
+                for (i, *_), v in zip(chunk, sums):
+                    values[i] = v.to(device)
+            chunk, numel = ([item], item[1].numel()) if item is not None else ([], 0)

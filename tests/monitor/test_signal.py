@@ -52,15 +52,16 @@ def _optimizer(kind: str, params, beta2: float, eps: float):
     raise AssertionError(kind)
 
 
+@pytest.mark.parametrize("foreach", [True, False], ids=["monitor-foreach", "monitor-per-tensor"])
 @pytest.mark.parametrize("kind", ["adamw", "adam", "adamw-foreach", "stable"])
-def test_rms_matches_fp64_reference(kind):
+def test_rms_matches_fp64_reference(kind, foreach):
     torch.manual_seed(0)
     beta2, eps = 0.99, 1e-8
     model = TinyNet()
     # A frozen parameter the optimizer holds, and `unused` that never gets a gradient.
     model.head.bias.requires_grad_(False)
     opt = _optimizer(kind, model.parameters(), beta2, eps)
-    mon = SpikeMonitor(model, opt)
+    mon = SpikeMonitor(model, opt, foreach=foreach)
     ref = RefRMS(beta2, eps, unbiased=(kind == "stable"))
     names = mon.layer_names
     assert names == [n for n, _ in model.named_parameters()]
