@@ -57,6 +57,9 @@ class SpikeMonitor:
         mon.plot("run/spikes.png")
         mon.close()
 
+    A call without an `optimizer.step()` since the previous one (GradScaler skipped an overflow)
+    judges the loss only: RMS_t needs the u_t that includes g_t.
+
     `step` is the monitor's own count of `step()` calls, from 1. The loss passed at step t was
     computed before update t, so RMS spikes can only explain loss spikes at later steps; RMS spikes
     at the same step are not linked.
@@ -147,6 +150,10 @@ class SpikeMonitor:
         self.history_rms_steps: list[int] = []
         self._history_rms: list[np.ndarray] = []
 
+        # Whether optimizer.step() ran since the last call: RMS_t is meaningless without the u_t that
+        # includes g_t (e.g. GradScaler skipped an overflow step and the gradients hold infs).
+        self._stepped = False
+        self._post_hook = optimizer.register_step_post_hook(self._on_optimizer_step)
         self._undo = StepUndo(optimizer) if action == "skip" else None
         self._checkpoint: Checkpoint | None = None
         if action == "rollback":
@@ -227,12 +234,18 @@ class SpikeMonitor:
         self._record(step, loss_value, rms_values, present, events)
         return events
 
+    def _on_optimizer_step(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        self._stepped = True
+
     def _fetch(self, loss: torch.Tensor | float) -> tuple[float, np.ndarray | None, list[bool]]:
         """The loss and (every `every` steps) all RMS values on the host, with one transfer."""
-        compute_rms = self.step_count % self.every == 0
+        compute_rms = self._stepped and self.step_count % self.every == 0
+        self._stepped = False
         rms, present = self.signal.compute() if compute_rms else (None, [])
         if isinstance(loss, torch.Tensor):
-            loss_t = loss.detach().reshape(-1)[:1].float()
+            if loss.numel() != 1:
+                raise ValueError(f"SpikeMonitor.step needs a scalar loss, got shape {tuple(loss.shape)}")
+            loss_t = loss.detach().reshape(1).float()
             if rms is not None and loss_t.device == rms.device:
                 host = torch.cat([rms, loss_t]).cpu().double().numpy()  # the one host sync
                 return float(host[-1]), host[:-1], present
@@ -338,10 +351,11 @@ class SpikeMonitor:
         )
 
     def close(self) -> None:
-        """Flushes and closes the writers and removes the optimizer hook ("skip")."""
+        """Flushes and closes the writers and removes the monitor's optimizer hooks."""
         for writer in self._writers:
             writer.close()
         self._writers = []
+        self._post_hook.remove()
         if self._undo is not None:
             self._undo.remove()
             self._undo = None

@@ -114,3 +114,29 @@ def test_rejects_non_adam_optimizer():
         SpikeMonitor(model, torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(ValueError, match="action"):
         SpikeMonitor(model, torch.optim.AdamW(model.parameters()), action="explode")
+
+
+def test_no_rms_without_an_optimizer_step():
+    # GradScaler skips optimizer.step() on an overflow: the gradients hold infs, u has not seen them.
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    mon = SpikeMonitor(model, opt)
+    for step, (x, y) in enumerate(regression_batches(30), start=1):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        if step == 20:
+            model.embed.weight.grad.fill_(float("inf"))
+        else:
+            opt.step()
+        mon.step(loss)
+        opt.zero_grad()
+    assert 20 not in mon.history_rms_steps and len(mon.history_rms_steps) == 29
+    assert not [e for e in mon.events if e["kind"] == "rms_spike"]
+
+
+def test_loss_must_be_scalar():
+    model = TinyNet()
+    mon = SpikeMonitor(model, torch.optim.AdamW(model.parameters()))
+    with pytest.raises(ValueError, match="scalar"):
+        mon.step(torch.ones(3))
