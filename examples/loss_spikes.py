@@ -277,7 +277,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     tmp = args.out / "summary.json.tmp"
     tmp.write_text(json.dumps(to_json_safe(summary), indent=1, default=str))
     os.replace(tmp, args.out / "summary.json")
-    print(f"wrote {len(results)} PNG + JSONL pairs and summary.json to {args.out}")
+    print(f"wrote {len(results)} runs (PNG, zoomed PNG, JSONL) and summary.json to {args.out}")
     return results
 
 
