@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -51,3 +53,25 @@ def check_linear_inputs(
             + (f" and the bias on {bias.device}" if bias is not None else "")
             + "; move them to one device"
         )
+
+
+def autocast_off(device_type: str):
+    """A context with autocast off for `device_type` (a no-op where autocast does not exist)."""
+    if torch.amp.is_autocast_available(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def needs_autograd(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether a linear's output needs a graph: grad mode is on and some operand requires grad."""
+    operands = (input, weight) if bias is None else (input, weight, bias)
+    return torch.is_grad_enabled() and any(t.requires_grad for t in operands)
+
+
+def unflatten_output(out: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
+    """(M, N) -> (..., N) with the input's leading dims, as a tensor autograd does not treat as a view.
+
+    A view returned from a custom autograd Function may not be modified in place (timm's in-place
+    LayerScale, FSDP2's hooks do); aten's matmul returns its reshaped result the same way.
+    """
+    return torch.ops.aten._unsafe_view(out, (*input.shape[:-1], out.shape[-1]))

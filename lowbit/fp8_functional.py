@@ -9,12 +9,16 @@ split to fp8: x and the gradient scaled per row, the weight per tensor, and the 
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from lowbit import fp8_ops
-from lowbit._inputs import autocast_linear_inputs, check_linear_inputs
+from lowbit._inputs import (
+    autocast_linear_inputs,
+    autocast_off,
+    check_linear_inputs,
+    needs_autograd,
+    unflatten_output,
+)
 from lowbit.fp8_config import Float8Config
 from lowbit.fp8_ops import E4M3, E5M2
 
@@ -37,7 +41,10 @@ class _Float8Matmul(torch.autograd.Function):
     """out (M, N) = x (M, K) @ weight (N, K).T + bias, with the recipe's fp8 matmuls."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, config: Float8Config, scaled_mm: bool):
+    def forward(ctx, input, weight, bias, config: Float8Config, scaled_mm: bool):
+        # Flattened here rather than by the caller, so the output is a fresh tensor as nn.Linear's is.
+        ctx.input_shape = input.shape
+        x = input.reshape(-1, input.shape[-1])
         out, x_fp8, x_scale_inv = _output(x, weight, bias, config, scaled_mm)
 
         ctx.config = config
@@ -53,11 +60,12 @@ class _Float8Matmul(torch.autograd.Function):
             ctx.save_for_backward(saved_weight, x_fp8, x_scale_inv)
         else:
             ctx.save_for_backward(saved_weight, x)
-        return out
+        return unflatten_output(out, input)
 
     @staticmethod
     def backward(ctx, grad_output):
         weight, *saved_x = ctx.saved_tensors
+        grad_output = grad_output.reshape(-1, grad_output.shape[-1])
         config, scaled_mm = ctx.config, ctx.scaled_mm
         tensorwise = config.recipe == "tensorwise"
         grad_input = grad_weight = grad_bias = None
@@ -71,7 +79,7 @@ class _Float8Matmul(torch.autograd.Function):
             w_fp8, w_scale_inv = fp8_ops.to_float8(weight, E4M3, rowwise=False)
             grad_input = fp8_ops.float8_mm(
                 g_fp8, g_scale_inv, w_fp8.t(), w_scale_inv, out_dtype=grad_output.dtype, scaled_mm=scaled_mm
-            )
+            ).view(ctx.input_shape)
 
         # grad_weight (N, K) = g.T (N, M) @ x (M, K): fp8 for "tensorwise", the input's dtype for "switchback".
         if ctx.needs_input_grad[1]:
@@ -115,18 +123,8 @@ def float8_linear(
     input, weight, bias = autocast_linear_inputs(input, weight, bias)
     check_linear_inputs(input, weight, bias, "float8_linear")
     scaled_mm = fp8_ops.use_scaled_mm(config.simulate, input.device)
-    x = input.reshape(-1, input.shape[-1])
-    needs_grad = torch.is_grad_enabled() and (
-        input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    )
-    device_type = input.device.type
-    no_autocast = (
-        torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type)
-        else contextlib.nullcontext()
-    )
-    with no_autocast:  # inputs are already cast; the fp8 ops pick their own dtypes
-        if needs_grad:
-            out = _Float8Matmul.apply(x, weight, bias, config, scaled_mm)
-        else:
-            out = _output(x, weight, bias, config, scaled_mm)[0]
-    return out.reshape(*input.shape[:-1], weight.shape[0])
+    with autocast_off(input.device.type):  # inputs are already cast; the fp8 ops pick their own dtypes
+        if needs_autograd(input, weight, bias):
+            return _Float8Matmul.apply(input, weight, bias, config, scaled_mm)
+        out = _output(input.reshape(-1, input.shape[-1]), weight, bias, config, scaled_mm)[0]
+        return unflatten_output(out, input)

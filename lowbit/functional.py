@@ -8,12 +8,16 @@ pile up, so it "switches back" to the input's 16-bit dtype.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from lowbit import ops
-from lowbit._inputs import autocast_linear_inputs, check_linear_inputs
+from lowbit._inputs import (
+    autocast_linear_inputs,
+    autocast_off,
+    check_linear_inputs,
+    needs_autograd,
+    unflatten_output,
+)
 from lowbit.config import SwitchBackConfig
 
 __all__ = ["switchback_linear", "Int8WeightCache"]
@@ -44,7 +48,11 @@ class _SwitchBackMatmul(torch.autograd.Function):
     """out (M, N) = x (M, K) @ weight (N, K).T + bias, int8 forward and grad_input, 16-bit grad_weight."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, config: SwitchBackConfig):
+    def forward(ctx, input, weight, bias, config: SwitchBackConfig):
+        # Flattened here rather than by the caller, so the output is a fresh tensor, as nn.Linear's is
+        # (an output that is a view breaks in-place ops after the layer, e.g. FSDP2's hooks).
+        ctx.input_shape = input.shape
+        x = input.reshape(-1, input.shape[-1])
         x_int8, x_absmax = ops.quantize_rowwise(x)
         w_int8, w_absmax = _quantize_weight(weight, config)
         out = ops.int8_matmul_dequant(x_int8, w_int8.t(), x_absmax, w_absmax, bias=bias, out_dtype=x.dtype)
@@ -58,11 +66,12 @@ class _SwitchBackMatmul(torch.autograd.Function):
             ctx.save_for_backward(weight, x_int8, x_absmax)
         else:
             ctx.save_for_backward(weight, x)
-        return out
+        return unflatten_output(out, input)
 
     @staticmethod
     def backward(ctx, grad_output):
         weight, *saved_x = ctx.saved_tensors
+        grad_output = grad_output.reshape(-1, grad_output.shape[-1])
         config = ctx.config
         grad_input = grad_weight = grad_bias = None
 
@@ -72,7 +81,7 @@ class _SwitchBackMatmul(torch.autograd.Function):
             w_t_int8, w_t_absmax = _quantize_weight_t(weight, config)
             grad_input = ops.int8_matmul_dequant(
                 g_int8, w_t_int8.t(), g_absmax, w_t_absmax, out_dtype=grad_output.dtype
-            )
+            ).view(ctx.input_shape)
 
         # grad_weight = g.T @ x, in the input's 16-bit dtype (mem_efficient: against dequantized x).
         if ctx.needs_input_grad[1]:
@@ -87,20 +96,28 @@ class _SwitchBackMatmul(torch.autograd.Function):
 
 
 class Int8WeightCache:
-    """The int8 weight of an inference-only forward, kept until the weight changes.
+    """The int8 copy of a layer's own weight for inference-only forwards, kept while it is current.
 
-    The key holds the weight's storage, dtype and version counter, which every in-place update
-    (an optimizer step, load_state_dict) bumps, so a stale int8 copy is never used.
+    The key holds the Parameter's storage, version counter (bumped by every in-place update through
+    the Parameter: optimizer steps, load_state_dict) and the dtype it is used in (autocast casts a
+    fresh copy every call, so the copy itself could never be the key). Writes through `.data` bypass
+    the version counter: the layer clears its cache whenever train()/eval() is called.
     """
 
     def __init__(self) -> None:
         self._key: tuple | None = None
         self._value: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def get(self, weight: torch.Tensor, config: SwitchBackConfig) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (weight.data_ptr(), weight.dtype, weight.device, weight._version, config.weight_quant)
+    def usable_for(self, param: torch.Tensor) -> bool:
+        # Inference tensors have no version counter; compiled graphs do their own caching.
+        return not param.is_inference() and not torch.compiler.is_compiling()
+
+    def get(
+        self, param: torch.Tensor, dtype: torch.dtype, config: SwitchBackConfig
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (param.data_ptr(), param.device, param._version, dtype, config.weight_quant)
         if key != self._key:
-            self._value = _quantize_weight(weight.detach(), config)
+            self._value = _quantize_weight(param.detach().to(dtype), config)
             self._key = key
         return self._value
 
@@ -123,30 +140,24 @@ def switchback_linear(
         weight: (N, K) of the input's dtype (under autocast both are cast, as for F.linear).
         bias: optional (N,).
         config: weight quantization and memory options.
-        weight_cache: used only when no gradient is needed, to quantize the weight once.
+        weight_cache: the layer's cache for `weight` (its own Parameter), used only when no
+            gradient is needed, to quantize the weight once.
 
     Returns:
         (..., N) tensor. A row of the input holding inf or NaN gives NaN in that output row only;
         an all-zero row gives the bias.
     """
+    param = weight
     input, weight, bias = autocast_linear_inputs(input, weight, bias)
     check_linear_inputs(input, weight, bias, "switchback_linear")
-    x = input.reshape(-1, input.shape[-1])
-    needs_grad = torch.is_grad_enabled() and (
-        input.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    )
-    device_type = input.device.type
-    no_autocast = (
-        torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type)
-        else contextlib.nullcontext()
-    )
-    with no_autocast:  # inputs are already cast; the int8 ops pick their own dtypes
-        if needs_grad:
-            out = _SwitchBackMatmul.apply(x, weight, bias, config)
+    with autocast_off(input.device.type):  # inputs are already cast; the int8 ops pick their own dtypes
+        if needs_autograd(input, weight, bias):
+            return _SwitchBackMatmul.apply(input, weight, bias, config)
+        # Inference: no autograd graph, and the weight quantized once while it stays unchanged.
+        if weight_cache is not None and weight_cache.usable_for(param):
+            w_int8, w_absmax = weight_cache.get(param, weight.dtype, config)
         else:
-            # Inference: no autograd graph, and the weight quantized once while it stays unchanged.
-            cached = weight_cache is not None and not torch.compiler.is_compiling()
-            w_int8, w_absmax = weight_cache.get(weight, config) if cached else _quantize_weight(weight, config)
-            x_int8, x_absmax = ops.quantize_rowwise(x)
-            out = ops.int8_matmul_dequant(x_int8, w_int8.t(), x_absmax, w_absmax, bias=bias, out_dtype=x.dtype)
-    return out.reshape(*input.shape[:-1], weight.shape[0])
+            w_int8, w_absmax = _quantize_weight(weight, config)
+        x_int8, x_absmax = ops.quantize_rowwise(input.reshape(-1, input.shape[-1]))
+        out = ops.int8_matmul_dequant(x_int8, w_int8.t(), x_absmax, w_absmax, bias=bias, out_dtype=input.dtype)
+        return unflatten_output(out, input)

@@ -132,7 +132,7 @@ def test_autocast_bf16():
 
 def test_no_grad_matches_and_weight_cache_follows_updates():
     x, *_ = make()
-    layer = lowbit.SwitchBackLinear(56, 72)
+    layer = lowbit.SwitchBackLinear(56, 72).eval()
     with_grad = layer(x)
     with torch.no_grad():
         first = layer(x)
@@ -143,6 +143,44 @@ def test_no_grad_matches_and_weight_cache_follows_updates():
     layer.load_state_dict({"weight": torch.zeros(72, 56), "bias": torch.ones(72)})
     with torch.no_grad():
         assert torch.equal(layer(x), torch.ones(37, 72))
+
+
+@pytest.mark.parametrize("update", ["optimizer", "data"])
+def test_eval_cache_under_autocast_never_serves_a_stale_weight(update):
+    """Autocast hands the op a fresh bf16 copy each call; the cache must follow the Parameter."""
+    x = torch.randn(16, 56)
+    layer = lowbit.SwitchBackLinear(56, 72)
+    optimizer = torch.optim.SGD(layer.parameters(), lr=1.0)
+    for _ in range(3):
+        layer.eval()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            cached = layer(x)
+            fresh = switchback_linear(x, layer.weight, layer.bias)  # no cache
+        assert torch.equal(cached, fresh)
+        layer.train()
+        if update == "optimizer":
+            layer(x).square().sum().backward()
+            optimizer.step()
+        else:  # writes through .data skip the version counter; train()/eval() drop the cache
+            layer.weight.data.mul_(-1.5)
+
+
+def test_inference_mode_and_in_place_ops_after_the_layer():
+    layer = lowbit.SwitchBackLinear(56, 72).eval()
+    x = torch.randn(2, 5, 56)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layer(x).shape == (2, 5, 72)
+    with torch.inference_mode():
+        built_inside = lowbit.SwitchBackLinear(56, 72).eval()
+        assert built_inside(x).shape == (2, 5, 72)
+    # Like nn.Linear's, the output is no view, so an in-place op after it (timm's in-place
+    # LayerScale) keeps the custom backward.
+    layer.train()
+    xg = x.clone().requires_grad_()
+    out = layer(xg)
+    assert not out._is_view()
+    out.mul_(2.0).sum().backward()
+    assert xg.grad.shape == x.shape
 
 
 def test_zero_rows_and_empty_batch():

@@ -21,8 +21,8 @@ class SwitchBackLinear(LowbitLinear):
         weight_quant: "tensor" (the paper's default) or "row" (vectorwise).
         mem_efficient: save int8 x for backward instead of x.
 
-    Without autograd (torch.no_grad, or nothing requiring grad) the int8 weight is computed once
-    and reused until the weight changes.
+    In eval mode without autograd (torch.no_grad, inference_mode) the int8 weight is computed once
+    and reused until the weight changes; train() and eval() drop it.
     """
 
     def __init__(
@@ -41,9 +41,14 @@ class SwitchBackLinear(LowbitLinear):
         self._weight_cache = Int8WeightCache()
 
     def linear(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        # The cache serves only this layer's own weight; borrowed weights are quantized per call.
-        cache = self._weight_cache if weight is self.weight else None
+        # Only an eval-mode layer's own weight is cached; borrowed weights are quantized per call.
+        cache = self._weight_cache if weight is self.weight and not self.training else None
         return switchback_linear(input, weight, bias, config=self.config, weight_cache=cache)
+
+    def train(self, mode: bool = True) -> SwitchBackLinear:
+        # Entering or leaving eval drops the int8 copy: it may be stale, and training has no use for it.
+        self._weight_cache.clear()
+        return super().train(mode)
 
     def extra_repr(self) -> str:
         return (
