@@ -1,5 +1,6 @@
 """A swapped model under torch.compile and DistributedDataParallel (2 CPU processes on gloo)."""
 
+import datetime
 import os
 import socket
 
@@ -56,7 +57,7 @@ def _free_port():
 
 def _ddp_worker(rank, world, port, x, target, grads_path):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
         model = nn.parallel.DistributedDataParallel(make_model())
         shard = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
@@ -65,6 +66,7 @@ def _ddp_worker(rank, world, port, x, target, grads_path):
         if rank == 0:
             torch.save({n: p.grad for n, p in model.module.named_parameters()}, grads_path)
     finally:
+        dist.barrier()  # both ranks done before gloo tears down (an early exit can abort the other)
         dist.destroy_process_group()
 
 

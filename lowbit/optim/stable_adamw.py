@@ -7,6 +7,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+try:  # FSDP2 shards parameters as DTensors; torch.distributed may be missing from a build
+    from torch.distributed.tensor import DTensor, Replicate
+except ImportError:  # pragma: no cover
+    DTensor = Replicate = None
+
 __all__ = ["StableAdamW"]
 
 
@@ -207,6 +212,22 @@ def _folded_beta(beta: float, t: float) -> float:
     return beta * (1.0 - beta ** (t - 1)) / (1.0 - beta**t)
 
 
+def _is_dtensor(t: Tensor) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def _full(t: Tensor) -> Tensor:
+    """A reduction over a sharded DTensor (FSDP2) as a plain tensor: the sum over all shards."""
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def _like_param(scalar: Tensor, param: Tensor) -> Tensor:
+    """The 0-dim step size, replicated over the parameter's mesh when the parameter is a DTensor."""
+    if _is_dtensor(param):
+        return DTensor.from_local(scalar, param.device_mesh, [Replicate()] * param.device_mesh.ndim)
+    return scalar
+
+
 def _single_tensor_stable_adamw(
     params: list[Tensor],
     grads: list[Tensor],
@@ -241,11 +262,11 @@ def _single_tensor_stable_adamw(
         # RMS = sqrt(mean(g^2 / max(u, eps^2))), with the updated u; the ratio is >= 0, so its sum
         # is its L1 norm (the reduction the foreach path has); an empty tensor gets RMS 0
         ratio = grad_hp.square().div_(exp_avg_sq.clamp_min(eps * eps))
-        rms = torch.linalg.vector_norm(ratio, 1).div_(max(ratio.numel(), 1)).sqrt_()
+        rms = (_full(torch.linalg.vector_norm(ratio, 1)) / max(ratio.numel(), 1)).sqrt_()
         del ratio
         rms_state.copy_(rms)
         # eta = lr / max(1, RMS / clip_threshold), a device tensor: no host synchronisation
-        eta = rms.div_(clip_threshold).clamp_min_(1.0).reciprocal_().mul_(lr)
+        eta = _like_param(rms.div_(clip_threshold).clamp_min_(1.0).reciprocal_().mul_(lr), param)
         # theta = theta - eta wd theta (decoupled weight decay, clipped like the update)
         if weight_decay != 0.0:
             param_hp.addcmul_(param_hp, eta, value=-weight_decay)
@@ -303,13 +324,14 @@ def _foreach_stable_adamw(
         # RMS = sqrt(mean(g^2 / max(u, eps^2))), with the updated u; sum via the L1 norm (ratio >= 0)
         ratios = torch._foreach_mul(grads_hp, grads_hp)
         torch._foreach_div_(ratios, torch._foreach_clamp_min(b_exp_avg_sqs, eps * eps))
-        sums = torch._foreach_norm(ratios, 1)
+        sums = [_full(n) for n in torch._foreach_norm(ratios, 1)]
         del ratios
         torch._foreach_div_(sums, [float(max(r.numel(), 1)) for r in b_params])
         rms = torch.stack(sums).sqrt_()
         torch._foreach_copy_(b_rmss, list(rms.unbind(0)))
         # eta = lr / max(1, RMS / clip_threshold), device tensors: no host synchronisation
         etas = list(rms.div_(clip_threshold).clamp_min_(1.0).reciprocal_().mul_(lr).unbind(0))
+        etas = [_like_param(eta, p) for eta, p in zip(etas, b_params)]
         # theta = theta - eta wd theta (decoupled weight decay, clipped like the update)
         if weight_decay != 0.0:
             torch._foreach_addcmul_(params_hp, params_hp, etas, value=-weight_decay)
