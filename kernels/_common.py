@@ -1,8 +1,9 @@
 """Pieces every int8 kernel shares: the quantize rule as Triton device code, and launcher checks.
 
 The rule (lowbit/ops.py is the contract, these helpers copy its torch twin op for op):
-    inv = 127 * (1 / a)  if 0 < a < inf  else 0     (torch's `127.0 / t` is `t.reciprocal() * 127`)
-    q   = clamp(rint(x * inv), -127, 127), NaN -> 0   (fp32, ties to even)
+    boost = 2**64 if a < 2**-64 else 1               (exact: keeps 127 / a finite for tiny groups)
+    inv = 127 * (1 / (a * boost))  if 0 < a < inf  else 0
+    q   = clamp(rint((x * boost) * inv), -127, 127), NaN -> 0   (fp32, ties to even)
     scale = a if a < inf else NaN
 """
 
@@ -85,18 +86,25 @@ def _nan_to_inf_abs(x):
 
 
 @triton.jit
+def _boost(absmax):
+    """2**64 for a group whose absmax is below 2**-64, else 1 (see the twin's `_boost` in lowbit/ops.py)."""
+    return tl.where(absmax < 5.421010862427522e-20, 18446744073709551616.0, 1.0)
+
+
+@triton.jit
 def _scale_inverse(absmax):
-    """127 / absmax as torch computes it (reciprocal, then times 127), 0 where absmax is 0 or inf."""
-    usable = (absmax > 0.0) & (absmax < float("inf"))
-    safe = tl.where(usable, absmax, 1.0)
+    """127 / (absmax * boost) as torch computes it (reciprocal, then times 127), 0 where absmax is 0 or inf."""
+    a = absmax * _boost(absmax)
+    usable = (a > 0.0) & (a < float("inf"))
+    safe = tl.where(usable, a, 1.0)
     # div_rn: Triton's fp32 `/` is approximate on CUDA; torch's reciprocal is correctly rounded.
     return tl.where(usable, tl.math.div_rn(1.0, safe) * 127.0, 0.0)
 
 
 @triton.jit
-def _quantize(x, inv):
-    """q = clamp(rint(x * inv), -127, 127) as int8; inv == 0 marks a zero or non-finite group (q = 0)."""
-    q = _rint(x.to(tl.float32) * inv)
+def _quantize(x, inv, boost):
+    """q = clamp(rint((x * boost) * inv), -127, 127) as int8; inv == 0 marks a zero or non-finite group (q = 0)."""
+    q = _rint((x.to(tl.float32) * boost) * inv)
     q = tl.where(q != q, 0.0, q)  # noqa: PLR0124 (NaN: inf * 0 in a non-finite group)
     q = tl.minimum(tl.maximum(q, -127.0), 127.0)
     return q.to(tl.int8)

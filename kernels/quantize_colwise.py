@@ -9,6 +9,7 @@ import triton.language as tl
 from ._common import (
     INTERPRET,
     LAUNCH_OPTIONS,
+    _boost,
     _nan_to_inf_abs,
     _quantize,
     _scale_inverse,
@@ -79,7 +80,7 @@ def _quantize_colwise_transposed_kernel(
     mask = (offs_m[:, None] < M) & mask_k[None, :]
     absmax = tl.load(absmax_bits_ptr + offs_k, mask=mask_k, other=0).to(tl.float32, bitcast=True)
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
-    q = _quantize(x, _scale_inverse(absmax)[None, :])
+    q = _quantize(x, _scale_inverse(absmax)[None, :], _boost(absmax)[None, :])
     # Transposed store, contiguous along m; Triton reshuffles the tile through shared memory.
     tl.store(q_ptr + offs_k[None, :] * M + offs_m[:, None], q, mask=mask)
     if pid_m == 0:

@@ -9,6 +9,7 @@ import triton.language as tl
 from ._common import (
     INTERPRET,
     LAUNCH_OPTIONS,
+    _boost,
     _nan_to_inf_abs,
     _quantize,
     _scale_inverse,
@@ -56,7 +57,7 @@ def _quantize_rowwise_kernel(
         mask = mask_m[:, None] & (offs_k[None, :] < K)
         x = tl.load(x_rows + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
         absmax = tl.max(_nan_to_inf_abs(x), axis=1)
-        q = _quantize(x, _scale_inverse(absmax)[:, None])
+        q = _quantize(x, _scale_inverse(absmax)[:, None], _boost(absmax)[:, None])
         tl.store(q_rows + offs_k[None, :], q, mask=mask)
     else:
         absmax = tl.zeros((BLOCK_SIZE_M,), dtype=tl.float32)
@@ -65,12 +66,12 @@ def _quantize_rowwise_kernel(
             mask = mask_m[:, None] & (cols[None, :] < K)
             x = tl.load(x_rows + cols[None, :] * stride_xk, mask=mask, other=0.0)
             absmax = tl.maximum(absmax, tl.max(_nan_to_inf_abs(x), axis=1))
-        inv = _scale_inverse(absmax)[:, None]
+        inv, boost = _scale_inverse(absmax)[:, None], _boost(absmax)[:, None]
         for k0 in range(0, K, BLOCK_SIZE_K):
             cols = k0 + offs_k
             mask = mask_m[:, None] & (cols[None, :] < K)
             x = tl.load(x_rows + cols[None, :] * stride_xk, mask=mask, other=0.0)
-            tl.store(q_rows + cols[None, :], _quantize(x, inv), mask=mask)
+            tl.store(q_rows + cols[None, :], _quantize(x, inv, boost), mask=mask)
     tl.store(absmax_ptr + offs_m, _scale_out(absmax), mask=mask_m)
 
 

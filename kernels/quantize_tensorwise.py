@@ -9,6 +9,7 @@ import triton.language as tl
 from ._common import (
     INTERPRET,
     LAUNCH_OPTIONS,
+    _boost,
     _nan_to_inf_abs,
     _quantize,
     _scale_inverse,
@@ -79,7 +80,7 @@ def _quantize_tensorwise_kernel(
     mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
     absmax = tl.load(absmax_bits_ptr).to(tl.float32, bitcast=True)
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
-    q = _quantize(x, _scale_inverse(absmax))
+    q = _quantize(x, _scale_inverse(absmax), _boost(absmax))
     if TRANSPOSE:
         q_ptrs = q_ptr + offs_k[None, :] * M + offs_m[:, None]
     else:

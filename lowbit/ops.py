@@ -6,6 +6,7 @@ rounding. The rules:
 
   quantize (per row, per column or per tensor), absmax a over the group:
       q = clamp(rint(x * (127 * (1 / a))), -127, 127)   in fp32, ties to even
+                       (groups with a < 2**-64 first scaled by 2**64, exactly, so 127 / a stays finite)
       a == 0           -> q = 0, scale a = 0             (an all-zero row stays zero, never NaN)
       a not finite     -> q = 0, scale a = NaN           (inf/NaN poison their own output row only)
   dequantize after an int32 accumulate:
@@ -63,9 +64,19 @@ def _nan_if_not_finite(absmax: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(absmax), absmax, torch.nan)
 
 
+def _boost(absmax: torch.Tensor) -> torch.Tensor:
+    """2**64 for groups with absmax < 2**-64, else 1.
+
+    127 / absmax overflows fp32 for absmax below ~3.7e-37, which would saturate every value of the
+    group; scaling x and absmax by a power of two first is exact and leaves other groups untouched.
+    """
+    return torch.where(absmax < 2.0**-64, 2.0**64, 1.0)
+
+
 def _quantize_torch(x: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
     """q = clamp(rint(x * (127 / absmax))) with absmax broadcast against x."""
-    q = torch.round(x.float() * _scale_inverse(absmax))
+    boost = _boost(absmax)
+    q = torch.round((x.float() * boost) * _scale_inverse(absmax * boost))
     # Only a group with a non-finite absmax (scale inverse 0) can hold inf/NaN, and inf * 0 is NaN.
     return torch.nan_to_num_(q, nan=0.0).clamp_(-127, 127).to(torch.int8)
 

@@ -82,14 +82,20 @@ def test_zero_inf_nan_rows(dtype):
 
 
 def test_extreme_magnitudes():
-    # A subnormal absmax overflows 127 / absmax to inf: x * inf saturates, 0 * inf is 0, as in the twin.
-    x = torch.zeros(4, 40)
+    # Subnormal and near-overflow rows follow the rule too (127 / absmax alone would overflow to inf).
+    x = torch.zeros(5, 40)
     x[0, ::3] = 1e-40
     x[1] = 3.0e38 * torch.linspace(-1, 1, 40)
     x[2] = 1e-37 * torch.linspace(-1, 1, 40)
     x[3] = torch.finfo(torch.float32).tiny * torch.linspace(-1, 1, 40)
+    x[4, :4] = torch.tensor([1e-37, 2e-38, -5e-38, 0.0])
     x = x.to(DEVICE)
-    assert_same_quantization(kernels.quantize_rowwise(x), twin("quantize_rowwise", x))
+    q, absmax = kernels.quantize_rowwise(x)
+    assert_same_quantization((q, absmax), twin("quantize_rowwise", x))
+    q_ref, absmax_ref = quantize_ref(x.cpu(), 1)
+    assert (q.cpu().double() - q_ref).abs().max() <= 1
+    assert q[4, :4].tolist() == q_ref[4, :4].tolist()  # no longer all saturated at +-127
+    torch.testing.assert_close(absmax.cpu().double(), absmax_ref.squeeze(1), rtol=0, atol=0)
 
 
 def test_non_contiguous_inputs():
