@@ -51,7 +51,7 @@ def _quantize_rowwise_kernel(
     # int64 row offsets: M * K may pass 2**31 elements.
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     q_rows = q_ptr + offs_m.to(tl.int64)[:, None] * K
-    offs_k = tl.arange(0, BLOCK_SIZE_K)
+    offs_k = tl.arange(0, BLOCK_SIZE_K).to(tl.int64)  # x strided along K (a transposed g) may pass 2**31
 
     if ONE_TILE:
         mask = mask_m[:, None] & (offs_k[None, :] < K)
