@@ -9,6 +9,16 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def check_float_matrix(x: torch.Tensor, op: str) -> None:
+    """Raise unless x is a 2-D float32/float16/bfloat16 tensor: what every quantize op takes."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"{op}: expected a 2-D tensor, got shape {tuple(x.shape)}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: expected float32, float16 or bfloat16, got {x.dtype}")
+
+
 def autocast_linear_inputs(
     input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -51,8 +51,8 @@ class _Float8Matmul(torch.autograd.Function):
         ctx.scaled_mm = scaled_mm
         ctx.bias_dtype = None if bias is None else bias.dtype
         # The weight is a Parameter, kept anyway; its fp8 copy is made again in backward (same amax,
-        # same values) rather than held. x is needed only for grad_weight: in fp8 for "tensorwise"
-        # (a quarter of fp32's memory), as it is for "switchback", whose grad_weight is high precision.
+        # same values) rather than held. x is needed only for grad_weight: "tensorwise" keeps its fp8
+        # copy (a quarter of fp32's memory), "switchback" keeps x itself (its grad_weight is high precision).
         saved_weight = weight if ctx.needs_input_grad[0] else None
         if not ctx.needs_input_grad[1]:
             ctx.save_for_backward(saved_weight)

@@ -33,6 +33,8 @@ import functools
 
 import torch
 
+from lowbit._inputs import check_float_matrix
+
 __all__ = [
     "AMAX_FLOOR",
     "E4M3",
@@ -50,19 +52,12 @@ AMAX_FLOOR = 1e-30
 _SCALED_MM_ALIGN = 16
 
 
-def _check_float_matrix(x: torch.Tensor, op: str) -> None:
-    if x.dim() != 2:
-        raise ValueError(f"{op}: expected a 2-D tensor, got shape {tuple(x.shape)}")
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"{op}: expected float32, float16 or bfloat16, got {x.dtype}")
-
-
 def to_float8(x: torch.Tensor, fp8_dtype: torch.dtype, *, rowwise: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Amax-scaled saturating cast: x (M, K) float -> q (M, K) fp8, scale_inv (M, 1) if rowwise else () fp32.
 
     x is approximately q.float() * scale_inv; see the module docstring for the rule and its edge cases.
     """
-    _check_float_matrix(x, "to_float8")
+    check_float_matrix(x, "to_float8")
     if fp8_dtype not in (E4M3, E5M2):
         raise TypeError(f"to_float8: fp8_dtype must be {E4M3} or {E5M2}, got {fp8_dtype}")
     fp8_max = torch.finfo(fp8_dtype).max

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from lowbit._backend import use_triton
+from lowbit._inputs import FLOAT_DTYPES, check_float_matrix
 
 __all__ = [
     "quantize_rowwise",
@@ -30,7 +31,6 @@ __all__ = [
     "MAX_INNER_DIM",
 ]
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # |sum of K products of int8 values in [-127, 127]| <= K * 127**2 must fit in int32.
 MAX_INNER_DIM = (2**31 - 1) // 127**2
 
@@ -39,15 +39,6 @@ def _kernels():
     from lowbit import kernels  # imported on first use: the package imports without Triton
 
     return kernels
-
-
-def _check_float_matrix(x: torch.Tensor, op: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{op}: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 2:
-        raise ValueError(f"{op}: expected a 2-D tensor, got shape {tuple(x.shape)}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{op}: expected float32, float16 or bfloat16, got {x.dtype}")
 
 
 def _scale_inverse(absmax: torch.Tensor) -> torch.Tensor:
@@ -83,7 +74,7 @@ def _quantize_torch(x: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
 
 def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-wise absmax int8: x (M, K) float -> q (M, K) int8 contiguous, absmax (M,) fp32."""
-    _check_float_matrix(x, "quantize_rowwise")
+    check_float_matrix(x, "quantize_rowwise")
     if use_triton(x):
         return _kernels().quantize_rowwise(x)
     # amax propagates NaN, so a row holding NaN gets a NaN absmax; an empty row (K = 0) has absmax 0.
@@ -94,7 +85,7 @@ def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def quantize_tensorwise(x: torch.Tensor, *, transpose: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Tensor-wise absmax int8: x (M, K) -> q (M, K), or (K, M) if transpose, int8 contiguous; absmax () fp32."""
-    _check_float_matrix(x, "quantize_tensorwise")
+    check_float_matrix(x, "quantize_tensorwise")
     if use_triton(x):
         return _kernels().quantize_tensorwise(x, transpose=transpose)
     absmax = x.float().abs().amax() if x.numel() else x.new_zeros((), dtype=torch.float32)
@@ -109,7 +100,7 @@ def quantize_colwise_transposed(x: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     q[k, m] = rint(127 * x[m, k] / absmax[k]); used for the row-wise variant's grad_input, where the
     weight is scaled per input feature and the int8 GEMM wants it K-major.
     """
-    _check_float_matrix(x, "quantize_colwise_transposed")
+    check_float_matrix(x, "quantize_colwise_transposed")
     if use_triton(x):
         return _kernels().quantize_colwise_transposed(x)
     absmax = x.float().abs().amax(dim=0) if x.shape[0] else x.new_zeros(x.shape[1], dtype=torch.float32)

@@ -189,7 +189,7 @@ def test_state_dict_round_trip_is_bit_exact(foreach):
     torch.save({"model": model_a.state_dict(), "opt": opt_a.state_dict(), "sched": sched_a.state_dict()}, buf)
     del model_a, opt_a, sched_a
     buf.seek(0)
-    ckpt = torch.load(buf)
+    ckpt = torch.load(buf, weights_only=True)
 
     model_b = make_model(seed=123)  # different init: everything must come from the checkpoint
     opt_b, sched_b = make_optimizer(model_b, foreach)
@@ -321,7 +321,7 @@ def test_low_precision_params_keep_fp32_state(dtype, foreach):
             torch.save(opt.state_dict(), buf)
             buf.seek(0)
             fresh, _ = make_optimizer(model, foreach)
-            fresh.load_state_dict(torch.load(buf))
+            fresh.load_state_dict(torch.load(buf, weights_only=True))
             for p in model.parameters():
                 for key in ("exp_avg", "exp_avg_sq", "rms"):
                     assert fresh.state[p][key].dtype == torch.float32
