@@ -45,7 +45,7 @@ def zero_shot_predictions(
     model.eval()
     with autocast():
         classifier = open_clip.build_zero_shot_classifier(
-            model, tokenizer, classnames, templates, num_classes_per_batch=None, device=device
+            model, tokenizer, classnames, templates, num_classes_per_batch=50, device=device
         ).float()
     predictions, labels, dropped = [], [], 0
     for images, batch_labels, batch_dropped in loader:

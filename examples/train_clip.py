@@ -38,6 +38,7 @@ import os
 import random
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,8 @@ import clip_eval  # noqa: E402
 from llm_int8 import LLMInt8Linear  # noqa: E402
 
 open_clip.add_model_config(Path(__file__).resolve().parent / "model_configs")  # registers lowbit-tiny
+# open_clip's ClipLoss gathers features with torch.distributed.nn.all_gather, which warns on every step.
+warnings.filterwarnings("ignore", "torch.distributed.nn.functional.all_gather is deprecated", FutureWarning)
 
 PRECISIONS = (
     "fp32",
@@ -380,7 +383,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     if resume == "auto":
         resume = out / "checkpoint.pt" if (out / "checkpoint.pt").exists() else None
     if resume is not None:
-        ckpt = torch.load(resume, map_location=device, weights_only=True)
+        # On the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest to the model's device.
+        ckpt = torch.load(resume, map_location="cpu", weights_only=True)
         for key in ("model", "precision", "batch_size", "steps", "warmup", "seed", "train_data"):
             if ckpt["config"][key] != getattr(args, key):
                 raise ValueError(
