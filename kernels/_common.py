@@ -111,6 +111,19 @@ def _quantize(x, inv, boost):
 
 
 @triton.jit
+def _load_tile(x_ptr, M, K, stride_xm, stride_xk, BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_K: tl.constexpr):
+    """This program's (BLOCK_SIZE_M, BLOCK_SIZE_K) tile of x (M, K) on a 2-D grid, zeros past the edges.
+
+    Returns the tile, its int64 row and column offsets (M * K may pass 2**31) and its mask.
+    """
+    offs_m = (tl.program_id(0) * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)).to(tl.int64)
+    offs_k = (tl.program_id(1) * BLOCK_SIZE_K + tl.arange(0, BLOCK_SIZE_K)).to(tl.int64)
+    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
+    return x, offs_m, offs_k, mask
+
+
+@triton.jit
 def _scale_out(absmax):
     """The stored scale: the absmax, or NaN where the group held inf or NaN."""
     return tl.where(absmax < float("inf"), absmax, float("nan"))

@@ -10,6 +10,7 @@ from ._common import (
     INTERPRET,
     LAUNCH_OPTIONS,
     _boost,
+    _load_tile,
     _nan_to_inf_abs,
     _quantize,
     _scale_inverse,
@@ -50,14 +51,8 @@ def _colwise_absmax_kernel(
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
 ):
     """absmax_bits[k] = max over row tiles of max_m |x[m, k]| (NaN as inf), as int32 bits of fp32."""
-    pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_m = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
-    offs_k = pid_k * BLOCK_SIZE_K + tl.arange(0, BLOCK_SIZE_K)
+    x, _, offs_k, _ = _load_tile(x_ptr, M, K, stride_xm, stride_xk, BLOCK_SIZE_M, BLOCK_SIZE_K)
     mask_k = offs_k < K
-    mask = (offs_m[:, None] < M) & mask_k[None, :]
-    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k.to(tl.int64)[None, :] * stride_xk
-    x = tl.load(x_ptrs, mask=mask, other=0.0)
     col_max = tl.max(_nan_to_inf_abs(x), axis=0)
     # Non-negative floats order like their int32 bits; max is idempotent under autotuning's re-runs.
     tl.atomic_max(absmax_bits_ptr + offs_k, col_max.to(tl.int32, bitcast=True), mask=mask_k)
@@ -72,18 +67,13 @@ def _quantize_colwise_transposed_kernel(
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
 ):
     """q[k, m] = clamp(rint(x[m, k] * 127 / absmax[k])), q (K, M) row-major; absmax (K,) fp32."""
-    pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_m = (pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)).to(tl.int64)
-    offs_k = (pid_k * BLOCK_SIZE_K + tl.arange(0, BLOCK_SIZE_K)).to(tl.int64)
+    x, offs_m, offs_k, mask = _load_tile(x_ptr, M, K, stride_xm, stride_xk, BLOCK_SIZE_M, BLOCK_SIZE_K)
     mask_k = offs_k < K
-    mask = (offs_m[:, None] < M) & mask_k[None, :]
     absmax = tl.load(absmax_bits_ptr + offs_k, mask=mask_k, other=0).to(tl.float32, bitcast=True)
-    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
     q = _quantize(x, _scale_inverse(absmax)[None, :], _boost(absmax)[None, :])
     # Transposed store, contiguous along m; Triton reshuffles the tile through shared memory.
     tl.store(q_ptr + offs_k[None, :] * M + offs_m[:, None], q, mask=mask)
-    if pid_m == 0:
+    if tl.program_id(0) == 0:
         tl.store(absmax_ptr + offs_k, _scale_out(absmax), mask=mask_k)
 
 

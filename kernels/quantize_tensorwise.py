@@ -10,6 +10,7 @@ from ._common import (
     INTERPRET,
     LAUNCH_OPTIONS,
     _boost,
+    _load_tile,
     _nan_to_inf_abs,
     _quantize,
     _scale_inverse,
@@ -50,13 +51,7 @@ def _tensor_absmax_kernel(
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
 ):
     """absmax_bits = max over tiles of max |x| (NaN as inf), as the int32 bits of a non-negative fp32."""
-    pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_m = pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)
-    offs_k = pid_k * BLOCK_SIZE_K + tl.arange(0, BLOCK_SIZE_K)
-    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k.to(tl.int64)[None, :] * stride_xk
-    x = tl.load(x_ptrs, mask=mask, other=0.0)
+    x, _, _, _ = _load_tile(x_ptr, M, K, stride_xm, stride_xk, BLOCK_SIZE_M, BLOCK_SIZE_K)
     tile_max = tl.max(tl.max(_nan_to_inf_abs(x), axis=1), axis=0)
     # Non-negative floats (inf included) order like their bits as int32, so an integer atomic max
     # gives the float max; max is idempotent, so autotuning's re-runs are harmless.
@@ -73,20 +68,15 @@ def _quantize_tensorwise_kernel(
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
 ):
     """q = clamp(rint(x * 127 / absmax)): (M, K) row-major, or (K, M) row-major (= x^T) if TRANSPOSE."""
-    pid_m = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    offs_m = (pid_m * BLOCK_SIZE_M + tl.arange(0, BLOCK_SIZE_M)).to(tl.int64)
-    offs_k = (pid_k * BLOCK_SIZE_K + tl.arange(0, BLOCK_SIZE_K)).to(tl.int64)
-    mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
+    x, offs_m, offs_k, mask = _load_tile(x_ptr, M, K, stride_xm, stride_xk, BLOCK_SIZE_M, BLOCK_SIZE_K)
     absmax = tl.load(absmax_bits_ptr).to(tl.float32, bitcast=True)
-    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0.0)
     q = _quantize(x, _scale_inverse(absmax), _boost(absmax))
     if TRANSPOSE:
         q_ptrs = q_ptr + offs_k[None, :] * M + offs_m[:, None]
     else:
         q_ptrs = q_ptr + offs_m[:, None] * K + offs_k[None, :]
     tl.store(q_ptrs, q, mask=mask)
-    if (pid_m == 0) & (pid_k == 0):
+    if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
         tl.store(absmax_ptr, _scale_out(absmax))
 
 
