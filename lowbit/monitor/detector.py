@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 # MAD -> standard deviation for Gaussian noise.
 _MAD_TO_STD = 1.4826
@@ -112,3 +113,22 @@ class RobustDetector:
         self._buf[self._pos] = np.where(present & finite, values, np.nan)
         self._pos = (self._pos + 1) % self.config.window
         return spike, threshold
+
+    def state_dict(self) -> dict:
+        """The history ring buffer (a float64 tensor, NaN for "no value") and its write position."""
+        return {"buf": torch.from_numpy(self._buf.copy()), "pos": self._pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restores `state_dict()`'s history.
+
+        Raises:
+            ValueError: if the saved history has another shape (window, series) than this detector's.
+        """
+        buf = state["buf"].detach().cpu().numpy().astype(np.float64)
+        if buf.shape != self._buf.shape:
+            raise ValueError(
+                f"saved detector history has shape (window, series) = {tuple(buf.shape)}, "
+                f"this detector {tuple(self._buf.shape)}"
+            )
+        self._buf = buf
+        self._pos = int(state["pos"]) % self.config.window

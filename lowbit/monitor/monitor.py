@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 from collections import deque
@@ -14,10 +15,11 @@ from torch import nn
 from lowbit.monitor.detector import RobustDetector, RobustThreshold
 from lowbit.monitor.signal import RMSSignal
 from lowbit.monitor.snapshot import Checkpoint, StepUndo
-from lowbit.monitor.writers import JsonlWriter, TensorBoardWriter
+from lowbit.monitor.writers import JSONL_MODES, JsonlWriter, TensorBoardWriter
 
 ACTIONS = ("log", "skip", "rollback")
 KINDS = ("loss_spike", "rms_spike", "nonfinite_loss")
+STATE_VERSION = 1  # of state_dict()'s layout
 
 # Defaults chosen so a smooth AdamW run raises nothing (tests/monitor/test_detect.py): the loss must
 # jump by 6 robust standard deviations and at least 6% (rel_floor 0.01 * k 6); a layer's RMS by 6
@@ -82,6 +84,17 @@ class SpikeMonitor:
     that costs roughly half to one AdamW step on large tensors (measured on a CPU; the detectors
     add ~0.2 ms per step); `every=N` computes it every N steps instead.
 
+    Checkpointing: `state_dict()` holds everything later decisions depend on (the step count, both
+    detectors' windows, the RMS spikes a later loss spike may still link to, the events and, with
+    `keep_history`, the history), as tensors and plain types (`torch.load(..., weights_only=True)`
+    reads it). Save it with the model and optimizer between two `step()` calls; to resume, load
+    the model and optimizer first, then build the monitor with `jsonl_mode="a"` and call
+    `load_state_dict`: the resumed run then raises the same events, takes the same actions and
+    writes the same JSONL lines as an unbroken one. The "rollback" snapshot (a copy of model and
+    optimizer state) is not part of it, since the training checkpoint already holds that state:
+    `load_state_dict` takes a fresh snapshot of the state just loaded, so until the next snapshot a
+    rollback returns to the resumed step rather than to the unbroken run's last snapshot.
+
     Args:
         model: names the parameters (`model.named_parameters()`); saved by "rollback".
         optimizer: an Adam-family optimizer (see above).
@@ -94,13 +107,15 @@ class SpikeMonitor:
         snapshot_every: "rollback" keeps a snapshot from a step without events this often.
         snapshot_device: where "rollback" snapshots live: "cpu" or None (each tensor's device).
         jsonl: write one JSON line per step here (format in `lowbit.monitor.writers`).
+        jsonl_mode: "w" starts the file afresh; "a" keeps its lines and appends (to resume a run:
+            `load_state_dict` then drops the lines of steps after the restored one).
         tensorboard: a TensorBoard log dir (needs the `tensorboard` package).
         keep_history: keep losses and RMS values in memory for `plot()`.
         foreach: compute RMS with grouped `torch._foreach_*` calls (few kernel launches) or, False,
             one tensor at a time (cache-friendly, least temporary memory); None: foreach on CUDA.
 
     Raises:
-        ValueError: for an unknown action or event kind, or a non-Adam-family optimizer.
+        ValueError: for an unknown action, event kind or jsonl_mode, or a non-Adam-family optimizer.
     """
 
     def __init__(
@@ -117,6 +132,7 @@ class SpikeMonitor:
         snapshot_every: int = 100,
         snapshot_device: str | torch.device | None = "cpu",
         jsonl: str | os.PathLike | None = None,
+        jsonl_mode: str = "w",
         tensorboard: str | os.PathLike | None = None,
         keep_history: bool = True,
         foreach: bool | None = None,
@@ -126,6 +142,8 @@ class SpikeMonitor:
         unknown = set(act_on) - set(KINDS)
         if unknown:
             raise ValueError(f"act_on kinds must be among {KINDS}, got {sorted(unknown)}")
+        if jsonl_mode not in JSONL_MODES:
+            raise ValueError(f"jsonl_mode must be one of {JSONL_MODES}, got {jsonl_mode!r}")
         if every < 1 or snapshot_every < 1 or link_steps < 0:
             raise ValueError("every and snapshot_every must be >= 1 and link_steps >= 0")
         self.model = model
@@ -161,7 +179,7 @@ class SpikeMonitor:
             self._checkpoint.save(0)
         self._writers: list[JsonlWriter | TensorBoardWriter] = []
         if jsonl is not None:
-            self._writers.append(JsonlWriter(jsonl))
+            self._writers.append(JsonlWriter(jsonl, mode=jsonl_mode))
         if tensorboard is not None:
             self._writers.append(TensorBoardWriter(tensorboard))
 
@@ -294,6 +312,80 @@ class SpikeMonitor:
             record["events"] = events
             for writer in self._writers:
                 writer.write(record)
+
+    # -- checkpointing -------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """What the monitor's later decisions depend on, as tensors and plain Python types.
+
+        Call between two `step()` calls. Not included: the "rollback" snapshot (see the class
+        docstring) and the configuration given to the constructor.
+
+        Returns:
+            A dict that `torch.save` writes and `torch.load(..., weights_only=True)` reads back.
+        """
+        state: dict = {
+            "version": STATE_VERSION,
+            "step_count": self.step_count,
+            "layer_names": list(self.layer_names),
+            "loss_detector": self._loss_detector.state_dict(),
+            "rms_detector": self._rms_detector.state_dict(),
+            "recent_rms": copy.deepcopy(list(self._recent_rms)),
+            "events": copy.deepcopy(self.events),
+            "history": None,
+        }
+        if self.keep_history:
+            rms = (
+                torch.from_numpy(np.stack(self._history_rms))
+                if self._history_rms
+                else torch.zeros((0, len(self.layer_names)), dtype=torch.float32)
+            )
+            state["history"] = {
+                "steps": torch.tensor(self.history_steps, dtype=torch.int64),
+                "loss": torch.tensor(self.history_loss, dtype=torch.float64),
+                "rms_steps": torch.tensor(self.history_rms_steps, dtype=torch.int64),
+                "rms": rms,  # (steps with RMS, layers)
+            }
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continues from `state_dict()`'s state: call after loading the model and optimizer.
+
+        Also drops the JSONL lines (and TensorBoard events) of steps after the restored one, which
+        the resumed run writes again, and, for "rollback", snapshots the model and optimizer as
+        they are now. A state saved without history leaves this monitor's history empty.
+
+        Args:
+            state: a dict from `state_dict()`.
+
+        Raises:
+            ValueError: if the state is from another layout version, another set of layers, or
+                detectors with another window.
+        """
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"SpikeMonitor state version {state.get('version')!r}, expected {STATE_VERSION}")
+        if list(state["layer_names"]) != self.layer_names:
+            raise ValueError(
+                "SpikeMonitor state was saved for other layers: "
+                f"{len(state['layer_names'])} saved, {len(self.layer_names)} here"
+            )
+        self._loss_detector.load_state_dict(state["loss_detector"])
+        self._rms_detector.load_state_dict(state["rms_detector"])
+        self.step_count = int(state["step_count"])
+        self._recent_rms = deque(copy.deepcopy(state["recent_rms"]))
+        self.events = copy.deepcopy(state["events"])
+        history = state["history"] if self.keep_history else None
+        self.history_steps = history["steps"].tolist() if history else []
+        self.history_loss = history["loss"].tolist() if history else []
+        self.history_rms_steps = history["rms_steps"].tolist() if history else []
+        self._history_rms = list(history["rms"].numpy().astype(np.float32)) if history else []
+        self._stepped = False
+        if self._undo is not None:
+            self._undo.fresh = False
+        if self._checkpoint is not None:
+            self._checkpoint.save(self.step_count)
+        for writer in self._writers:
+            writer.truncate_after(self.step_count)
 
     # -- after the fact ------------------------------------------------------------------------------
 

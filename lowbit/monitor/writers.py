@@ -11,15 +11,22 @@ JSONL format: one line per monitored step, strict JSON (no NaN / Infinity tokens
 gradient or optimizer state that step is null. Non-finite numbers are written as the strings
 "nan", "inf" and "-inf". Each line is written with one `write` and flushed, so a crash loses at
 most the line being written and a reader can follow the file while training runs.
+
+Resuming: open the file in mode "a" and call `truncate_after(step)` with the restored step (what
+`SpikeMonitor.load_state_dict` does): the lines of later steps, which the resumed run is about to
+write again, are dropped, so the file ends up as an unbroken run's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import warnings
 from typing import Any
+
+JSONL_MODES = ("w", "a")
 
 
 def to_json_safe(obj: Any) -> Any:
@@ -36,19 +43,63 @@ def to_json_safe(obj: Any) -> Any:
 
 
 class JsonlWriter:
-    """Appends one JSON object per line to `path` (truncated when opened), flushing each line.
+    """Appends one JSON object per line to `path`, flushing each line.
 
     A write error warns once and disables the writer: a full disk should not end a training run.
 
     Args:
         path: the file to write.
+        mode: "w" truncates the file when opened (a new run); "a" keeps its lines and appends (a
+            resumed run; see `truncate_after`).
+
+    Raises:
+        ValueError: for a mode other than "w" or "a".
     """
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, *, mode: str = "w") -> None:
+        if mode not in JSONL_MODES:
+            raise ValueError(f"jsonl mode must be one of {JSONL_MODES}, got {mode!r}")
         self.path = os.fspath(path)
-        parent = os.path.dirname(os.path.abspath(self.path))
-        os.makedirs(parent, exist_ok=True)
-        self._file = open(self.path, "w", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self.mode = mode
+        self._parent = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(self._parent, exist_ok=True)
+        self._file = open(self.path, mode, encoding="utf-8")  # noqa: SIM115 - closed in close()
+
+    def truncate_after(self, step: int) -> None:
+        """Drops the lines of steps after `step` (and torn lines), then goes on appending.
+
+        The kept lines, byte for byte, go to a temporary file beside `path` that then replaces it
+        (`os.replace`): a kill leaves either the old file or the new one, never half of one.
+        """
+        if self._file is None:
+            return
+        self._file.close()
+        self._file = None
+        tmp = os.path.join(self._parent, f".{os.path.basename(self.path)}.tmp{os.getpid()}")
+        try:
+            kept = []
+            with open(self.path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(kept)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        except OSError as err:
+            warnings.warn(
+                f"SpikeMonitor: rewriting {self.path} failed ({err}); JSONL logging stopped",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
 
     def write(self, record: dict) -> None:
         if self._file is None:
@@ -100,7 +151,14 @@ class TensorBoardWriter:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError as err:  # torch raises this when the tensorboard package is missing
             raise ImportError("SpikeMonitor(tensorboard=...) needs `pip install tensorboard`") from err
-        self._writer = SummaryWriter(log_dir=os.fspath(log_dir))
+        self._summary_writer = SummaryWriter
+        self.log_dir = os.fspath(log_dir)
+        self._writer = SummaryWriter(log_dir=self.log_dir)
+
+    def truncate_after(self, step: int) -> None:
+        """Reopens the run with `purge_step`: TensorBoard hides the earlier events after `step`."""
+        self._writer.close()
+        self._writer = self._summary_writer(log_dir=self.log_dir, purge_step=step + 1)
 
     def write(self, record: dict) -> None:
         step = record["step"]
