@@ -23,7 +23,7 @@ accepts (layers >= 512 wide); when it accepts none (small models such as lowbit-
 setting) and in fp32 on the CPU.
 
 `--out DIR` receives summary.json (zero_shot_top1, final_loss, samples/s, spike events, ...),
-log.jsonl (one line per step), monitor*.jsonl (SpikeMonitor), tb/ (TensorBoard, if installed),
+log.jsonl (one line per step), monitor.jsonl (SpikeMonitor), tb/ (TensorBoard, if installed),
 loss.png and spikes.png (if matplotlib is installed) and checkpoint.pt, written atomically every
 --save-every steps; `--resume auto` (or a path) continues a run exactly where the checkpoint left it.
 """
@@ -377,8 +377,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         optimizer, functools.partial(warmup_cosine, warmup=args.warmup, steps=args.steps)
     )
 
-    # Resume: model, optimizer, schedule, RNGs and the data position (the step).
+    # Resume: model, optimizer, schedule, RNGs, the data position (the step) and the SpikeMonitor.
     start_step, losses, log, events, stats = 0, [], [], [], {"skipped_images": 0, "train_time": 0.0}
+    monitor_state = None
     resume = args.resume
     if resume == "auto":
         resume = out / "checkpoint.pt" if (out / "checkpoint.pt").exists() else None
@@ -393,6 +394,9 @@ def main(argv: list[str] | None = None) -> dict | None:
                 )
         if ckpt["world_size"] != world_size:
             raise ValueError(f"--resume {resume}: saved by {ckpt['world_size']} processes, resumed by {world_size}")
+        monitor_state = ckpt.get("monitor")
+        if args.monitor and monitor_state is None:
+            raise ValueError(f"--resume {resume}: the checkpoint has no SpikeMonitor state; resume with --no-monitor")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -425,7 +429,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     )
 
     # Monitoring: every rank judges the same (all-reduced) gradients, so skip / rollback agree;
-    # rank 0 writes.
+    # rank 0 writes. A resumed monitor continues its detection windows and appends to monitor.jsonl
+    # (dropping lines past the checkpoint); "rollback" then starts from a snapshot of the resumed state.
     tb_writer = None
     if is_main and args.tensorboard:
         try:
@@ -436,15 +441,16 @@ def main(argv: list[str] | None = None) -> dict | None:
             say("tensorboard not installed: logging to log.jsonl only")
     monitor = None
     if args.monitor:
-        suffix = f".resumed-at-{start_step}" if start_step else ""
         monitor = lowbit.SpikeMonitor(
             model,
             optimizer,
             action=args.monitor_action,
-            jsonl=out / f"monitor{suffix}.jsonl" if is_main else None,
+            jsonl=out / "monitor.jsonl" if is_main else None,
+            jsonl_mode="a" if monitor_state is not None else "w",
             tensorboard=out / "tb" / "monitor" if tb_writer is not None else None,
         )
-        monitor.step_count = start_step  # number its steps as the run's
+        if monitor_state is not None:
+            monitor.load_state_dict(monitor_state)
     if is_main:
         log_file = open(out / "log.jsonl", "w")  # rewritten from the checkpoint's log on resume
         for record in log:
@@ -589,6 +595,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                     "log": log,
                     "events": events,
                     "stats": stats,
+                    "monitor": monitor.state_dict() if monitor is not None else None,
                 }
                 atomic_save(checkpoint, out / "checkpoint.pt")
                 if args.keep_checkpoints:

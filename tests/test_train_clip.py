@@ -296,15 +296,22 @@ def test_resume_is_exact(tmp_path: Path):
     args = [*TINY, "--steps", "6", "--save-every", "3", "--precision", "switchback", "--monitor-action", "skip"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train_clip.main([*args, "--out", str(straight), "--keep-checkpoints"])
-    # As if killed after step 4: the run directory holds the step-3 checkpoint and a log up to step 4.
+    # As if killed after step 4: the run directory holds the step-3 checkpoint and logs up to step 4.
     resumed.mkdir()
     shutil.copy(straight / "checkpoint-000003.pt", resumed / "checkpoint.pt")
-    (resumed / "log.jsonl").write_text("".join((straight / "log.jsonl").read_text().splitlines(True)[:4]))
+    for name in ("log.jsonl", "monitor.jsonl"):
+        (resumed / name).write_text("".join((straight / name).read_text().splitlines(True)[:4]))
     train_clip.main([*args, "--out", str(resumed), "--resume", "auto"])
     assert _losses(resumed) == _losses(straight)  # bit for bit, steps 1-6 (4-6 recomputed)
+    # The monitor continues its own file: step 4's line is written once, RMS values bit for bit.
+    monitor_lines = (resumed / "monitor.jsonl").read_text()
+    assert monitor_lines == (straight / "monitor.jsonl").read_text()
+    assert [json.loads(line)["step"] for line in monitor_lines.splitlines()] == [1, 2, 3, 4, 5, 6]
+    assert sorted(p.name for p in resumed.glob("monitor*")) == ["monitor.jsonl"]
     assert not list(resumed.glob(".*tmp*"))  # atomic writes leave no temporary files
     checkpoint = torch.load(resumed / "checkpoint.pt", weights_only=True)
-    assert {"model", "optimizer", "scheduler", "config", "step", "rng"} <= set(checkpoint)
+    assert {"model", "optimizer", "scheduler", "config", "step", "rng", "monitor"} <= set(checkpoint)
+    assert checkpoint["monitor"]["step_count"] == 6
     assert set(checkpoint["rng"][0]) == {"torch", "cuda", "numpy", "python"}
     with pytest.raises(ValueError, match="batch_size"):
         train_clip.main([*args, "--batch-size", "4", "--out", str(resumed), "--resume", "auto"])
