@@ -4,6 +4,7 @@ records, a report and plots. No timing is asserted: figures from a test run mean
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 
 import pytest
@@ -85,6 +86,26 @@ def test_lowbit_implementations_do_not_error(smoke_run):
     errors = [(r["bench"], r["case"], r["impl"], r["reason"]) for r in rows
               if r["status"] == "error" and r["impl"] in LOWBIT_IMPLS]
     assert not errors
+
+
+# Peers that come with `pip install -e ".[dev]"`, by the module they need.
+INSTALLED_PEERS = {
+    "torchao-int8-mp": "torchao",
+    "bnb-llm.int8": "bitsandbytes",
+    "optimi-stableadamw": "optimi",
+    "pytorch_optimizer-stableadamw": "pytorch_optimizer",
+}
+
+
+def test_installed_peers_are_measured(smoke_run):
+    """A peer whose package is installed must be timed, not skipped or failed: a skip here would
+    hide a broken comparison behind 'missing'."""
+    _, rows = smoke_run
+    for impl, module in INSTALLED_PEERS.items():
+        if importlib.util.find_spec(module) is None:
+            continue
+        statuses = {(r["status"], r["reason"]) for r in rows if r["impl"] == impl}
+        assert statuses == {("ok", "")}, (impl, statuses)
 
 
 def test_report_and_plots_are_written(smoke_run):
