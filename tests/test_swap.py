@@ -82,7 +82,9 @@ def test_open_clip_vit_b32_both_towers(clip_pair):
 
     lowbit.unswap(model)
     assert counts(model) == (0, 0)
-    assert type(model.visual.transformer.resblocks[0].attn) is nn.MultiheadAttention
+    attn = model.visual.transformer.resblocks[0].attn
+    assert type(attn) is nn.MultiheadAttention
+    assert type(attn.out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
     with torch.no_grad():
         torch.testing.assert_close(model.encode_image(image), ref_img)
 
@@ -142,4 +144,41 @@ def test_root_linear_and_idempotence():
     assert isinstance(swapped, SwitchBackLinear) and swapped.weight is layer.weight
     again = lowbit.swap(nn.Sequential(swapped), filter_fn=lambda m, n: True)
     assert again[0] is swapped  # already-swapped layers are left alone
-    assert lowbit.unswap(swapped) is layer
+    restored = lowbit.unswap(swapped)
+    assert type(restored) is nn.Linear and restored.weight is layer.weight and restored.bias is layer.bias
+    assert layer.weight is not None  # the caller's module is not emptied by the swap
+
+
+class TaggedLinear(nn.Linear):
+    """A user subclass with an attribute of its own: unswap must give both back."""
+
+
+@pytest.mark.parametrize("wrap", ["linear", "attention"])
+def test_swapped_modules_do_not_keep_replaced_weights_alive(wrap):
+    """FSDP2's fully_shard replaces each Parameter with its shard and relies on the full one being
+    freed. A swapped module must keep no hidden reference to it (e.g. through the stashed original)."""
+    import gc
+    import weakref
+
+    if wrap == "linear":
+        model = nn.Sequential(TaggedLinear(16, 8))
+        model[0].tag = "kept"
+    else:
+        model = nn.Sequential(nn.MultiheadAttention(16, 2))
+    lowbit.swap(model, filter_fn=lambda m, n: True)
+    old = {name: weakref.ref(p) for name, p in model.named_parameters()}
+    for module in model.modules():  # what fully_shard does, one Parameter at a time
+        for name, param in list(module._parameters.items()):
+            if param is not None:
+                setattr(module, name, nn.Parameter(param.detach().clone()))
+    param = None  # the loop variable itself holds the last one
+    gc.collect()
+    assert all(ref() is None for ref in old.values()), [n for n, ref in old.items() if ref() is not None]
+
+    lowbit.unswap(model)
+    if wrap == "linear":
+        assert type(model[0]) is TaggedLinear and model[0].tag == "kept"
+    else:
+        assert type(model[0]) is nn.MultiheadAttention
+    new = dict(model.named_parameters())
+    assert set(new) == set(old) and all(p.grad is None for p in new.values())

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.nn.base import LowbitLinear
+from lowbit.nn.base import LowbitLinear, stash_without_parameters
 
 
 def can_wrap(mha: nn.MultiheadAttention) -> bool:
@@ -66,14 +66,14 @@ class LowbitMultiheadAttention(nn.Module):
         self.in_proj_bias = mha.in_proj_bias
         self.out_proj = out_proj
         self.train(mha.training)
-        object.__setattr__(self, "_lowbit_original", mha)
+        object.__setattr__(self, "_lowbit_original", stash_without_parameters(mha))
 
     @classmethod
     def from_mha(cls, mha: nn.MultiheadAttention, linear_cls: type[LowbitLinear], **kwargs):
         return cls(mha, linear_cls.from_linear(mha.out_proj, **kwargs))
 
     def to_original(self) -> nn.MultiheadAttention:
-        """The nn.MultiheadAttention this was built from, holding this module's Parameters."""
+        """An nn.MultiheadAttention of the class this was built from, holding this module's Parameters."""
         mha = self.__dict__["_lowbit_original"]
         mha.in_proj_weight = self.in_proj_weight
         mha.in_proj_bias = self.in_proj_bias

@@ -2,8 +2,25 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
+
+
+def stash_without_parameters(module: nn.Module) -> nn.Module:
+    """A shallow copy of `module` (same class and attributes, submodules copied the same way) whose
+    Parameter slots are empty, kept so that `to_original` can rebuild the exact original class.
+
+    The copy holds no Parameters on purpose: FSDP2's `fully_shard` (or any code that replaces a
+    Parameter) frees the full weight only when nothing else refers to it. The caller's module is
+    left untouched.
+    """
+    stash = copy.copy(module)
+    stash._parameters = dict.fromkeys(module._parameters)
+    stash._buffers = dict(module._buffers)
+    stash._modules = {name: stash_without_parameters(child) for name, child in module._modules.items()}
+    return stash
 
 
 class LowbitLinear(nn.Linear):
@@ -24,7 +41,8 @@ class LowbitLinear(nn.Linear):
     def from_linear(cls, linear: nn.Linear, **kwargs) -> LowbitLinear:
         """A layer of this class that shares `linear`'s Parameters (no copy) and training mode.
 
-        `linear` is kept (not as a submodule, so state_dict keys stay the same) for `to_original`.
+        A copy of `linear` without its Parameters is kept (not as a submodule, so state_dict keys
+        stay the same) for `to_original`.
         """
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"{cls.__name__}.from_linear expects an nn.Linear, got {type(linear).__name__}")
@@ -36,11 +54,12 @@ class LowbitLinear(nn.Linear):
         layer.weight = linear.weight
         layer.bias = linear.bias
         layer.train(linear.training)
-        object.__setattr__(layer, "_lowbit_original", linear)
+        object.__setattr__(layer, "_lowbit_original", stash_without_parameters(linear))
         return layer
 
     def to_original(self) -> nn.Linear:
-        """The layer this one was built from (or a plain nn.Linear), holding this layer's Parameters."""
+        """A layer of the class this one was built from (or a plain nn.Linear), holding this layer's
+        Parameters."""
         original = self.__dict__.get("_lowbit_original")
         if original is None:
             original = nn.Linear(
