@@ -108,7 +108,8 @@ def swap(
 
 
 def unswap(model: nn.Module) -> nn.Module:
-    """Put back the original layers `swap` replaced, with the Parameters trained since. Returns `model`."""
+    """Put back layers of the original classes (same attributes) that `swap` replaced, holding the
+    Parameters trained since. Returns `model`, or the restored layer if `model` is a swapped layer."""
     if isinstance(model, (LowbitLinear, LowbitMultiheadAttention)):
         return model.to_original()
     for parent in list(model.modules()):
