@@ -58,7 +58,8 @@ def _prune_for_device(configs, named_args, **kwargs):
     a = named_args.get("a_ptr", kwargs.get("a_ptr"))
     major, _ = torch.cuda.get_device_capability(a.device)
     wanted = _HOPPER_CONFIGS if major >= 9 else _AMPERE_CONFIGS
-    return [c for c in configs if c in wanted] or configs
+    # Iterate over `wanted`: a config listed for both generations would otherwise be tuned twice.
+    return [c for c in wanted if c in configs] or configs
 
 
 @triton.autotune(

@@ -230,3 +230,17 @@ def test_gpu_realistic_sizes(m, k, n, out_dtype, col_scale):
     # Against the unquantized product: int8 x (row-wise) and w (a 6.5M-element tensor-wise absmax sits
     # ~5 sigma out) give ~31 dB before the bias adds signal.
     assert sqnr_db(x[rows].double() @ w.double().t() + bias.double(), got[rows]) > 25
+
+
+@pytest.mark.parametrize("capability", [(8, 0), (9, 0)])
+def test_autotune_configs_are_pruned_to_one_generation_without_repeats(monkeypatch, capability):
+    """A config in both generation lists must be benchmarked once, not twice."""
+    from lowbit.kernels import int8_matmul
+
+    monkeypatch.setattr(int8_matmul, "INTERPRET", False)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability)
+    everything = int8_matmul._AMPERE_CONFIGS + int8_matmul._HOPPER_CONFIGS
+    kept = int8_matmul._prune_for_device(everything, {"a_ptr": torch.empty(0)})
+    wanted = int8_matmul._HOPPER_CONFIGS if capability >= (9, 0) else int8_matmul._AMPERE_CONFIGS
+    assert [str(c) for c in kept] == [str(c) for c in wanted]
+    assert len({str(c) for c in kept}) == len(kept)
