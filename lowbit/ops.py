@@ -36,6 +36,11 @@ MAX_INNER_DIM = (2**31 - 1) // 127**2
 
 
 def _kernels():
+    """The Triton launchers: called directly in eager mode, as custom ops under torch.compile."""
+    if torch.compiler.is_compiling():
+        from lowbit import _compiled_ops
+
+        return _compiled_ops
     from lowbit import kernels  # imported on first use: the package imports without Triton
 
     return kernels
