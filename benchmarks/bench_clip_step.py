@@ -6,6 +6,12 @@ linear layers (attention projections included) are swapped to SwitchBack or floa
 library's own entry point; on full-size models the layers lowbit's `default_filter` picks (at
 least 512 wide), on the tiny CPU model every layer. Reported: ms per step, samples/s, speed-up
 against the unswapped model and peak memory.
+
+Coverage differs: open_clip's attention is nn.MultiheadAttention, which runs its q/k/v and output
+projections through F.multi_head_attention_forward on the raw weights. lowbit's swap replaces the
+whole attention module, so those projections run in int8 / fp8 too; torchao's conversion replaces
+only nn.Linear modules that are called, so under torchao the attention projections stay in bf16
+(`extra.converted_modules` counts the converted modules).
 """
 
 from __future__ import annotations
@@ -46,7 +52,9 @@ def _lowbit_swap(to: str, needs: str | None = None, fp8: bool = False):
             lowbit_attr(needs, "lowbit.nn")
         if fp8 and not has_fp8(settings.device):
             raise Skip("needs a GPU with float8 tensor cores (sm89+); simulated fp8 is not a speed target")
-        return lowbit.swap(model, to=to, filter_fn=_all_layers if tiny else None)
+        # simulate=False: real fp8 or an error, never a simulated layer timed as fp8.
+        kwargs = {"simulate": False} if fp8 else {}
+        return lowbit.swap(model, to=to, filter_fn=_all_layers if tiny else None, **kwargs)
 
     return convert
 
@@ -58,6 +66,10 @@ def _torchao_fp8(model: nn.Module, settings: Settings, tiny: bool) -> nn.Module:
     from lowbit.swap import MIN_FEATURES
 
     def keep(module: nn.Module, fqn: str) -> bool:
+        # nn.MultiheadAttention reads out_proj.weight itself (never calling out_proj), so a
+        # converted out_proj would run in bf16 and only inflate the count of converted layers.
+        if isinstance(module, nn.modules.linear.NonDynamicallyQuantizableLinear):
+            return False
         # float8 GEMMs need both sides divisible by 16; same width floor as lowbit's default filter.
         dims = (module.in_features, module.out_features)
         return all(n % 16 == 0 for n in dims) and (tiny or min(dims) >= MIN_FEATURES)
@@ -133,6 +145,7 @@ def run(settings: Settings, rec: Recorder) -> list:
                 model = convert(_create_model(name, settings.device), settings, tiny).train()
                 step = _step_fn(model, batch, settings)
                 timing = measure(step, settings.device, settings.clip_timer)
+                model.zero_grad(set_to_none=True)  # the probe starts from weights + optimizer state
                 free_memory(settings.device)
                 with MemoryProbe(settings.device) as probe:
                     step()

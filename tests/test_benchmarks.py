@@ -60,8 +60,11 @@ def test_ok_rows_have_medians_spread_and_derived_figures(smoke_run):
     assert all(r["tflops"] > 0 and r["baseline"] == "nn.Linear" for r in linear)
     assert all(r["speedup"] == 1.0 for r in linear if r["impl"] == "nn.Linear")
     assert any(r["impl"] == "switchback" and r["speedup"] is not None for r in linear)
-    # Every SwitchBack variant computes the layer: its output is close to nn.Linear's.
-    assert all(r["extra"]["rel_err_vs_baseline"] < 0.05 for r in linear)
+    # Every implementation computes the layer: its output is close to nn.Linear's. (fp8 rows run
+    # only on fp8 GPUs; e4m3 carries 3 mantissa bits, so a bf16 MLP lands near 0.05 against ~0.01 for int8.)
+    for r in linear:
+        bound = 0.1 if "fp8" in r["impl"] else 0.05
+        assert r["extra"]["rel_err_vs_baseline"] < bound, (r["impl"], r["case"], r["extra"])
     assert all(r["gbps"] > 0 for r in ok if r["bench"] in ("optimizer",) or r["impl"] == "copy")
     assert all(r["samples_per_s"] > 0 for r in ok if r["bench"] == "clip_step")
 
