@@ -1,9 +1,10 @@
-"""A swapped model under torch.compile and DistributedDataParallel (2 CPU processes on gloo)."""
+"""A swapped model under torch.compile, DistributedDataParallel and FSDP2 (2 CPU processes on gloo)."""
 
 import datetime
 import os
 import socket
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -83,3 +84,42 @@ def test_ddp_two_processes_match_one_process_on_the_whole_batch(tmp_path):
     # averaged gradients match up to fp32 summation order.
     for name, p in single.named_parameters():
         torch.testing.assert_close(ddp_grads[name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _fsdp2_worker(rank, world, port, x, target, grads_path):
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        model = make_model()
+        for block in model:
+            fully_shard(block)
+        fully_shard(model)
+        shard = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+        loss = (model(x[shard]) - target[shard]).square().mean()
+        loss.backward()
+        # Each rank holds half of every parameter; full_tensor() all-gathers the averaged gradient.
+        grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+        if rank == 0:
+            torch.save(grads, grads_path)
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def test_fsdp2_two_processes_match_one_process_on_the_whole_batch(tmp_path):
+    """fully_shard over the swapped blocks (attention wrapper included): the forward all-gathers
+    the whole weight, so its int8 scale is the unsharded one and the gradients match."""
+    pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 (fully_shard) needs torch >= 2.6")
+    torch.manual_seed(1)
+    x, target = torch.randn(4, 9, 32), torch.randn(4, 9, 32)
+    single = make_model()
+    (single(x) - target).square().mean().backward()
+
+    grads_path = tmp_path / "grads.pt"
+    mp.spawn(_fsdp2_worker, args=(2, _free_port(), x, target, grads_path), nprocs=2, join=True)
+    fsdp_grads = torch.load(grads_path, weights_only=True)
+    assert set(fsdp_grads) == {n for n, _ in single.named_parameters()}
+    for name, p in single.named_parameters():
+        torch.testing.assert_close(fsdp_grads[name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
