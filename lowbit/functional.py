@@ -109,8 +109,9 @@ class Int8WeightCache:
         self._value: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def usable_for(self, param: torch.Tensor) -> bool:
-        # Inference tensors have no version counter; compiled graphs do their own caching.
-        return not param.is_inference() and not torch.compiler.is_compiling()
+        # Compiled graphs do their own caching (and Dynamo cannot trace is_inference(), hence the
+        # order); inference tensors have no version counter.
+        return not torch.compiler.is_compiling() and not param.is_inference()
 
     def get(
         self, param: torch.Tensor, dtype: torch.dtype, config: SwitchBackConfig

@@ -50,6 +50,20 @@ def test_torch_compile_gives_the_same_outputs_and_grads():
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_eval_forward_compiles_with_fullgraph(backend):
+    """Eval + no_grad takes the int8 weight-cache path in eager; under compile it must trace
+    without graph breaks (fullgraph=True raises on one) and give the eager outputs."""
+    torch._dynamo.reset()
+    model = make_model().eval()
+    x = torch.randn(2, 9, 32)
+    with lowbit.use_backend(backend), torch.no_grad():
+        eager = model(x)
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        torch.testing.assert_close(compiled(x), eager, rtol=0, atol=0)
+        torch.testing.assert_close(compiled(x), eager, rtol=0, atol=0)
+
+
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
