@@ -46,12 +46,13 @@ def test_custom_op_is_the_launcher():
         assert_bitwise_equal(got, want)
 
 
-def test_swapped_block_compiles_without_graph_breaks_on_the_kernels():
+@pytest.mark.parametrize("to", ["switchback", "switchback-row", "switchback-memeff"])
+def test_swapped_block_compiles_without_graph_breaks_on_the_kernels(to):
     """fullgraph=True raises on a graph break, so the kernels must trace as opaque ops."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = lowbit.swap(
-        nn.Sequential(nn.Linear(40, 72), nn.GELU(), nn.Linear(72, 40)).to(DEVICE), filter_fn=lambda m, n: True
+        nn.Sequential(nn.Linear(40, 72), nn.GELU(), nn.Linear(72, 40)).to(DEVICE), to, filter_fn=lambda m, n: True
     )
     x = torch.randn(3, 17, 40, device=DEVICE, requires_grad=True)
     with lowbit.use_backend("triton"):
