@@ -61,10 +61,16 @@ class RobustThreshold:
             raise ValueError(f"window must be >= 2, got {self.window}")
         if not 1 <= self.min_history <= self.window:
             raise ValueError(f"min_history must be in [1, window={self.window}], got {self.min_history}")
-        if self.k <= 0:
-            raise ValueError(f"k must be > 0, got {self.k}")
-        if self.rel_floor < 0:
-            raise ValueError(f"rel_floor must be >= 0, got {self.rel_floor}")
+        # NaN compares False with everything: a NaN setting would make the threshold NaN and
+        # silently flag nothing, so each must be a real number (written so NaN fails the test).
+        if not 0 < self.k < math.inf:
+            raise ValueError(f"k must be finite and > 0, got {self.k}")
+        if not 0 <= self.rel_floor < math.inf:
+            raise ValueError(f"rel_floor must be finite and >= 0, got {self.rel_floor}")
+        if math.isnan(self.floor) or self.floor == math.inf:
+            raise ValueError(f"floor must be a number below inf (-inf: no floor), got {self.floor}")
+        if self.abs_threshold is not None and math.isnan(self.abs_threshold):
+            raise ValueError("abs_threshold must be a number or None, got nan")
 
 
 class RobustDetector:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import os
 from collections import deque
 from pathlib import Path
@@ -27,6 +28,25 @@ STATE_VERSION = 1  # of state_dict()'s layout
 # paper's "RMS >> 1": below that Adam's update is still about lr-sized).
 DEFAULT_LOSS = RobustThreshold(window=50, k=6.0, min_history=10, rel_floor=0.01)
 DEFAULT_RMS = RobustThreshold(window=50, k=6.0, min_history=10, rel_floor=0.2, floor=2.0)
+
+
+def _check_loss(loss: object) -> None:
+    """A scalar tensor or a real number; checked before the monitor changes any state."""
+    if isinstance(loss, torch.Tensor):
+        if loss.numel() != 1:
+            raise ValueError(f"SpikeMonitor.step needs a scalar loss, got shape {tuple(loss.shape)}")
+        if loss.dtype.is_complex or not (loss.dtype.is_floating_point or loss.dtype in _INT_DTYPES):
+            raise TypeError(f"SpikeMonitor.step needs a real loss, got a {loss.dtype} tensor")
+    elif not isinstance(loss, numbers.Real):
+        raise TypeError(f"SpikeMonitor.step needs a loss tensor or a real number, got {type(loss).__name__}")
+
+
+_INT_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+
+
+def _param_layout(optimizer: torch.optim.Optimizer) -> tuple[int, ...]:
+    """The number of parameters in each param group: add_param_group changes it."""
+    return tuple(len(group["params"]) for group in optimizer.param_groups)
 
 
 class SpikeMonitor:
@@ -168,20 +188,27 @@ class SpikeMonitor:
         self.history_rms_steps: list[int] = []
         self._history_rms: list[np.ndarray] = []
 
+        self._param_layout = _param_layout(optimizer)
+        self._writers: list[JsonlWriter | TensorBoardWriter] = []
+        try:
+            if jsonl is not None:
+                self._writers.append(JsonlWriter(jsonl, mode=jsonl_mode))
+            if tensorboard is not None:
+                self._writers.append(TensorBoardWriter(tensorboard))
+        except BaseException:
+            for writer in self._writers:
+                writer.close()
+            raise
+        # Hooks go on the optimizer last, so a constructor that fails leaves none behind.
         # Whether optimizer.step() ran since the last call: RMS_t is meaningless without the u_t that
         # includes g_t (e.g. GradScaler skipped an overflow step and the gradients hold infs).
         self._stepped = False
-        self._post_hook = optimizer.register_step_post_hook(self._on_optimizer_step)
-        self._undo = StepUndo(optimizer) if action == "skip" else None
         self._checkpoint: Checkpoint | None = None
         if action == "rollback":
             self._checkpoint = Checkpoint(model, optimizer, device=snapshot_device)
             self._checkpoint.save(0)
-        self._writers: list[JsonlWriter | TensorBoardWriter] = []
-        if jsonl is not None:
-            self._writers.append(JsonlWriter(jsonl, mode=jsonl_mode))
-        if tensorboard is not None:
-            self._writers.append(TensorBoardWriter(tensorboard))
+        self._undo = StepUndo(optimizer) if action == "skip" else None
+        self._post_hook = optimizer.register_step_post_hook(self._on_optimizer_step)
 
     # -- the per-step call -------------------------------------------------------------------------
 
@@ -197,6 +224,13 @@ class SpikeMonitor:
             The events raised at this step (also appended to `self.events`); each carries the
             `action` taken ("log", "skip", "rollback", or "none" when there was nothing to undo).
         """
+        _check_loss(loss)
+        if _param_layout(self.optimizer) != self._param_layout:
+            raise RuntimeError(
+                "SpikeMonitor: the optimizer's parameters changed since the monitor was built "
+                "(add_param_group?); their RMS would go unwatched and 'skip'/'rollback' could not undo "
+                "their steps. Build a new SpikeMonitor after changing the parameter groups."
+            )
         self.step_count += 1
         step = self.step_count
         loss_value, rms_values, present = self._fetch(loss)
@@ -261,11 +295,10 @@ class SpikeMonitor:
         self._stepped = False
         rms, present = self.signal.compute() if compute_rms else (None, [])
         if isinstance(loss, torch.Tensor):
-            if loss.numel() != 1:
-                raise ValueError(f"SpikeMonitor.step needs a scalar loss, got shape {tuple(loss.shape)}")
-            loss_t = loss.detach().reshape(1).float()
+            # In float64, so a float64 loss keeps its range and every loss dtype reads as a float would.
+            loss_t = loss.detach().reshape(1).double()
             if rms is not None and loss_t.device == rms.device:
-                host = torch.cat([rms, loss_t]).cpu().double().numpy()  # the one host sync
+                host = torch.cat([rms.double(), loss_t]).cpu().numpy()  # the one host sync
                 return float(host[-1]), host[:-1], present
             loss_value = float(loss_t.cpu())
         else:
@@ -362,19 +395,34 @@ class SpikeMonitor:
             ValueError: if the state is from another layout version, another set of layers, or
                 detectors with another window.
         """
+        # Everything is checked and converted before anything is assigned: a state that does not
+        # fit leaves this monitor as it was.
         if state.get("version") != STATE_VERSION:
             raise ValueError(f"SpikeMonitor state version {state.get('version')!r}, expected {STATE_VERSION}")
-        if list(state["layer_names"]) != self.layer_names:
-            raise ValueError(
-                "SpikeMonitor state was saved for other layers: "
-                f"{len(state['layer_names'])} saved, {len(self.layer_names)} here"
+        saved_names = list(state["layer_names"])
+        if saved_names != self.layer_names:
+            first = next(
+                (i for i, (a, b) in enumerate(zip(saved_names, self.layer_names)) if a != b),
+                min(len(saved_names), len(self.layer_names)),
             )
-        self._loss_detector.load_state_dict(state["loss_detector"])
-        self._rms_detector.load_state_dict(state["rms_detector"])
+            saved = saved_names[first] if first < len(saved_names) else "(none)"
+            here = self.layer_names[first] if first < len(self.layer_names) else "(none)"
+            raise ValueError(
+                f"SpikeMonitor state was saved for other layers ({len(saved_names)} saved, "
+                f"{len(self.layer_names)} here); first difference at position {first}: {saved!r} saved, "
+                f"{here!r} here"
+            )
+        loss_detector, rms_detector = copy.deepcopy(self._loss_detector), copy.deepcopy(self._rms_detector)
+        loss_detector.load_state_dict(state["loss_detector"])
+        rms_detector.load_state_dict(state["rms_detector"])
+        history = state["history"] if self.keep_history else None
+        if history:  # tensors may have been loaded onto a GPU (map_location)
+            history = {name: t.detach().cpu() for name, t in history.items()}
+
+        self._loss_detector, self._rms_detector = loss_detector, rms_detector
         self.step_count = int(state["step_count"])
         self._recent_rms = deque(copy.deepcopy(state["recent_rms"]))
         self.events = copy.deepcopy(state["events"])
-        history = state["history"] if self.keep_history else None
         self.history_steps = history["steps"].tolist() if history else []
         self.history_loss = history["loss"].tolist() if history else []
         self.history_rms_steps = history["rms_steps"].tolist() if history else []
@@ -441,6 +489,15 @@ class SpikeMonitor:
             title=title,
             step_range=step_range,
         )
+
+    def sync(self) -> None:
+        """Forces the JSONL written so far to disk (fsync) and flushes TensorBoard.
+
+        Call before saving a checkpoint that holds `state_dict()`, so that after a crash the log on
+        disk is never behind the checkpoint it resumes from.
+        """
+        for writer in self._writers:
+            writer.sync()
 
     def close(self) -> None:
         """Flushes and closes the writers and removes the monitor's optimizer hooks."""

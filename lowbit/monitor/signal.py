@@ -111,7 +111,15 @@ class RMSSignal:
         for i, (p, group) in enumerate(zip(self.params, self._groups)):
             g = p.grad
             state = self.optimizer.state.get(p)
-            if g is None or g.is_sparse or not state or "exp_avg_sq" not in state:
+            if g is None or g.is_sparse or not state:
+                continue
+            if "exp_avg_sq" not in state:
+                raise ValueError(
+                    f"SpikeMonitor: {type(self.optimizer).__name__} keeps no 'exp_avg_sq' (AdamW's second "
+                    f"moment u) for {self.names[i]!r}, so RMS(g^2/u) cannot be computed"
+                )
+            if g.numel() == 0:
+                values[i] = torch.zeros((), device=device)  # an empty mean: 0, as StableAdamW takes it
                 continue
             if "rms" in state:
                 # StableAdamW already computed exactly this quantity (from the same g_t and u_t).

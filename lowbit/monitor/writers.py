@@ -77,19 +77,17 @@ class JsonlWriter:
         self._file = None
         tmp = os.path.join(self._parent, f".{os.path.basename(self.path)}.tmp{os.getpid()}")
         try:
-            kept = []
-            with open(self.path, encoding="utf-8") as f:
-                for line in f:
+            # Line by line from the old file into the new one: a long run's log never sits in memory.
+            with open(self.path, encoding="utf-8") as src, open(tmp, "w", encoding="utf-8") as dst:
+                for line in src:
                     try:
                         record = json.loads(line)
                     except json.JSONDecodeError:
                         continue
                     if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
-                        kept.append(line if line.endswith("\n") else line + "\n")
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.writelines(kept)
-                f.flush()
-                os.fsync(f.fileno())
+                        dst.write(line if line.endswith("\n") else line + "\n")
+                dst.flush()
+                os.fsync(dst.fileno())
             os.replace(tmp, self.path)
             self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         except OSError as err:
@@ -114,6 +112,12 @@ class JsonlWriter:
                 stacklevel=2,
             )
             self.close()
+
+    def sync(self) -> None:
+        """Forces the lines written so far to disk (fsync)."""
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
 
     def close(self) -> None:
         if self._file is not None:
@@ -170,6 +174,9 @@ class TensorBoardWriter:
                 self._writer.add_scalar(f"rms/{name}", value, step)
         for event in record.get("events", ()):
             self._writer.add_text(f"events/{event['kind']}", json.dumps(to_json_safe(event)), step)
+
+    def sync(self) -> None:
+        self._writer.flush()
 
     def close(self) -> None:
         self._writer.flush()

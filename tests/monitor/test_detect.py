@@ -104,7 +104,12 @@ def test_robust_detector_flags_outliers_only():
     assert flags.sum() == 1 and flags[150, 1]
 
 
-@pytest.mark.parametrize("bad", [{"window": 1}, {"min_history": 0}, {"k": 0}, {"rel_floor": -1}])
+@pytest.mark.parametrize("bad", [
+    {"window": 1}, {"min_history": 0}, {"k": 0}, {"rel_floor": -1},
+    # NaN settings would make every threshold NaN and silently flag nothing.
+    {"k": float("nan")}, {"k": float("inf")}, {"rel_floor": float("nan")}, {"floor": float("nan")},
+    {"abs_threshold": float("nan")},
+])
 def test_threshold_validation(bad):
     with pytest.raises(ValueError):
         RobustThreshold(**bad)

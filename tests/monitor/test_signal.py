@@ -8,12 +8,13 @@ forcing), so it shares nothing with the optimizer's or the monitor's arithmetic:
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from lowbit.monitor import SpikeMonitor
 
-from .helpers import TinyNet, regression_batches
+from .helpers import TinyNet, regression_batches, train_step
 
 REL_TOL = 1e-5  # the optimizer's fp32 moments against fp64
 
@@ -140,3 +141,74 @@ def test_loss_must_be_scalar():
     mon = SpikeMonitor(model, torch.optim.AdamW(model.parameters()))
     with pytest.raises(ValueError, match="scalar"):
         mon.step(torch.ones(3))
+
+
+@pytest.mark.parametrize("bad", [torch.ones(3), "1.5", None, torch.tensor(True), torch.tensor(1 + 1j)])
+def test_a_rejected_loss_changes_no_state(bad):
+    """A bad loss raises before the step count, the RMS or the optimizer-step flag move on."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    mon = SpikeMonitor(model, opt)
+    x, y = next(regression_batches(1))
+    loss = train_step(model, opt, x, y)
+    with pytest.raises((TypeError, ValueError)):
+        mon.step(bad)
+    assert mon.step_count == 0
+    mon.step(loss)
+    assert mon.step_count == 1 and mon.history_rms_steps == [1]
+
+
+def test_float64_loss_keeps_its_range():
+    model = TinyNet()
+    mon = SpikeMonitor(model, torch.optim.AdamW(model.parameters()))
+    mon.step(torch.tensor(1e39, dtype=torch.float64))
+    assert mon.history_loss == [1e39] and not mon.events
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_zero_size_parameter_reads_zero_not_nan(foreach):
+    """mean() of an empty tensor is NaN: an empty parameter must not raise an RMS spike every step."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    model.empty = torch.nn.Parameter(torch.zeros(0, 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    mon = SpikeMonitor(model, opt, foreach=foreach)
+    for x, y in regression_batches(15):
+        loss = torch.nn.functional.mse_loss(model(x), y) + model.empty.sum()
+        loss.backward()
+        opt.step()
+        mon.step(loss)
+        opt.zero_grad()
+    column = mon.history_rms[mon.layer_names.index("empty")]
+    assert np.array_equal(column, np.zeros(15, dtype=np.float32))
+    assert not mon.events
+
+
+def test_an_optimizer_without_a_second_moment_is_refused():
+    """Adamax has betas and eps but keeps no exp_avg_sq: RMS(g^2/u) cannot be computed."""
+    model = TinyNet()
+    opt = torch.optim.Adamax(model.parameters())
+    mon = SpikeMonitor(model, opt)
+    x, y = next(regression_batches(1))
+    loss = train_step(model, opt, x, y)
+    with pytest.raises(ValueError, match="exp_avg_sq"):
+        mon.step(loss)
+
+
+def test_added_param_groups_are_refused():
+    model = TinyNet()
+    opt = torch.optim.AdamW([model.embed.weight], lr=1e-3)
+    mon = SpikeMonitor(model, opt, action="skip")
+    opt.add_param_group({"params": [model.head.weight]})
+    with pytest.raises(RuntimeError, match="add_param_group"):
+        mon.step(1.0)
+
+
+def test_a_failing_constructor_leaves_no_optimizer_hooks(tmp_path):
+    model = TinyNet()
+    opt = torch.optim.AdamW(model.parameters())
+    (tmp_path / "dir").mkdir()
+    with pytest.raises(OSError):
+        SpikeMonitor(model, opt, action="skip", jsonl=tmp_path / "dir")  # a directory: open() fails
+    assert not opt._optimizer_step_pre_hooks and not opt._optimizer_step_post_hooks

@@ -122,6 +122,45 @@ def test_load_errors_and_append_mode(tmp_path):
     assert json.loads(path.read_text().splitlines()[1])["loss"] == 2.0
 
 
+def test_a_state_that_does_not_fit_changes_nothing():
+    """load_state_dict checks everything before it assigns anything."""
+    model, opt, mon = _make(None)
+    batches = list(regression_batches(N_STEPS))
+    _train(model, opt, mon, batches, range(1, 21))
+    before = mon.state_dict()
+    other_model, other_opt, other = _make(None, rms=RobustThreshold(window=20))
+    _train(other_model, other_opt, other, batches, range(1, 6))
+    with pytest.raises(ValueError, match="shape"):
+        mon.load_state_dict(other.state_dict())  # the loss detector fits, the RMS one does not
+    after = mon.state_dict()
+    assert after["step_count"] == before["step_count"]
+    assert after["loss_detector"]["pos"] == before["loss_detector"]["pos"]
+    assert torch.equal(after["loss_detector"]["buf"].nan_to_num(), before["loss_detector"]["buf"].nan_to_num())
+
+    renamed = {**before, "layer_names": ["module." + n for n in before["layer_names"]]}
+    with pytest.raises(ValueError, match="'module.embed.weight' saved, 'embed.weight' here"):
+        mon.load_state_dict(renamed)
+
+
+def test_sync_puts_the_lines_on_disk(tmp_path):
+    path = tmp_path / "m.jsonl"
+    model, opt, mon = _make(path)
+    _train(model, opt, mon, list(regression_batches(3)), range(1, 4))
+    mon.sync()
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
+    mon.close()
+    mon.sync()  # after close: nothing left to sync, and no error
+
+
+def test_history_tensors_load_from_any_device_or_autograd_state():
+    model, opt, mon = _make(None)
+    _train(model, opt, mon, list(regression_batches(5)), range(1, 6))
+    state = mon.state_dict()
+    state["history"] = {k: (v.float().requires_grad_() if k == "rms" else v) for k, v in state["history"].items()}
+    mon.load_state_dict(state)
+    assert mon.history_rms.shape == (len(mon.layer_names), 5)
+
+
 def test_tensorboard_reopened_with_purge_step(tmp_path):
     pytest.importorskip("tensorboard")
     model, opt, mon = _make(None, tensorboard=tmp_path / "tb")
