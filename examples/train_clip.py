@@ -77,6 +77,16 @@ LOWBIT_LAYERS = {
     "fp8-switchback": "fp8-switchback",
     "llm-int8": LLMInt8Linear,
 }
+# Flags that change what a run computes: a resume must keep the checkpoint's, or it is no longer exact.
+# lr, wd, betas and eps would not even apply (the checkpoint's optimizer and scheduler state replace
+# them); --steps sets the cosine schedule's length. Output, logging, evaluation, checkpointing and
+# device flags may change.
+RESUME_FIXED = (
+    *("model", "precision", "swap_all", "amp", "ls_init"),
+    *("optimizer", "lr", "wd", "beta1", "beta2", "eps", "warmup", "batch_size", "steps", "grad_clip", "seed"),
+    *("train_data", "dataset_type", "csv_separator", "csv_img_key", "csv_caption_key"),
+    *("synthetic_size", "data_seed", "augment", "monitor_action"),
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -278,9 +288,19 @@ def atomic_save(obj, path: Path) -> None:
 
 
 def atomic_write_text(text: str, path: Path) -> None:
+    """Like atomic_save, for text."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def fsync_file(path: Path) -> None:
+    """Syncs a file that another object writes and flushes (fsync syncs the file, whichever descriptor)."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
 
 
 def plot_curves(path: Path, log: list[dict], title: str) -> None:
@@ -386,12 +406,15 @@ def main(argv: list[str] | None = None) -> dict | None:
     if resume is not None:
         # On the CPU: RNG states must stay CPU tensors; load_state_dict moves the rest to the model's device.
         ckpt = torch.load(resume, map_location="cpu", weights_only=True)
-        for key in ("model", "precision", "batch_size", "steps", "warmup", "seed", "train_data"):
-            if ckpt["config"][key] != getattr(args, key):
-                raise ValueError(
-                    f"--resume {resume}: checkpoint has {key}={ckpt['config'][key]!r}, "
-                    f"this run {getattr(args, key)!r}; an exact resume needs the same"
-                )
+        fixed = list(RESUME_FIXED)
+        if args.monitor_action != "log":  # a monitor that skips or rolls back steps changes the run
+            fixed.append("monitor")
+        changed = [key for key in fixed if ckpt["config"][key] != getattr(args, key)]
+        if changed:
+            raise ValueError(
+                f"--resume {resume}: an exact resume needs the checkpoint's settings; changed: "
+                + ", ".join(f"{key} {ckpt['config'][key]!r} -> {getattr(args, key)!r}" for key in changed)
+            )
         if ckpt["world_size"] != world_size:
             raise ValueError(f"--resume {resume}: saved by {ckpt['world_size']} processes, resumed by {world_size}")
         monitor_state = ckpt.get("monitor")
@@ -436,7 +459,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            tb_writer = SummaryWriter(str(out / "tb"), purge_step=start_step or None)
+            # TensorBoard hides the earlier events at steps >= purge_step: those after the checkpoint,
+            # which this run logs again; the checkpoint's own step is logged already and stays.
+            tb_writer = SummaryWriter(str(out / "tb"), purge_step=start_step + 1 if start_step else None)
         except ImportError:
             say("tensorboard not installed: logging to log.jsonl only")
     monitor = None
@@ -452,9 +477,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         if monitor_state is not None:
             monitor.load_state_dict(monitor_state)
     if is_main:
-        log_file = open(out / "log.jsonl", "w")  # rewritten from the checkpoint's log on resume
-        for record in log:
-            log_file.write(json.dumps(record) + "\n")
+        # Rewritten from the checkpoint's log on resume, atomically: a kill now must not lose it.
+        atomic_write_text("".join(json.dumps(record) + "\n" for record in log), out / "log.jsonl")
+        log_file = open(out / "log.jsonl", "a")
 
     def evaluate(step: int) -> dict:
         """Zero-shot top-1 and retrieval R@1 (rank 0, on the unwrapped model)."""
@@ -597,6 +622,10 @@ def main(argv: list[str] | None = None) -> dict | None:
                     "stats": stats,
                     "monitor": monitor.state_dict() if monitor is not None else None,
                 }
+                if monitor is not None:
+                    # The monitor flushes its lines but does not fsync them; a resume truncates
+                    # monitor.jsonl back to the checkpoint, so the lines must be on disk before it is.
+                    fsync_file(out / "monitor.jsonl")
                 atomic_save(checkpoint, out / "checkpoint.pt")
                 if args.keep_checkpoints:
                     atomic_save(checkpoint, out / f"checkpoint-{step + 1:06d}.pt")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -315,6 +316,96 @@ def test_resume_is_exact(tmp_path: Path):
     assert set(checkpoint["rng"][0]) == {"torch", "cuda", "numpy", "python"}
     with pytest.raises(ValueError, match="batch_size"):
         train_clip.main([*args, "--batch-size", "4", "--out", str(resumed), "--resume", "auto"])
+
+
+def test_resume_logs_every_step_to_tensorboard_once(tmp_path: Path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    args = [*(a for a in TINY if a != "--no-tensorboard"), "--steps", "4", "--save-every", "2", "--out", str(out)]
+    train_clip.main([*args, "--keep-checkpoints"])
+    # As if killed after step 4 with the step-2 checkpoint the latest: steps 3-4 run and log again.
+    shutil.copy(out / "checkpoint-000002.pt", out / "checkpoint.pt")
+    train_clip.main([*args, "--resume", "auto"])
+    for folder, tag in ((out / "tb", "train/loss"), (out / "tb" / "monitor", "loss")):
+        events = EventAccumulator(str(folder))
+        events.Reload()
+        assert [e.step for e in events.Scalars(tag)] == [1, 2, 3, 4], folder
+
+
+def _record_fsync_and_replace(monkeypatch, out: Path) -> list[tuple]:
+    """Records ("fsync", names of the files in `out` it synced) and ("replace", src name, dst name)."""
+    calls = []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(fd: int) -> None:
+        inode = os.fstat(fd).st_ino
+        calls.append(("fsync", *(p.name for p in out.iterdir() if p.stat().st_ino == inode)))
+        fsync(fd)
+
+    def recording_replace(src, dst) -> None:
+        replace(src, dst)
+        calls.append(("replace", Path(src).name, Path(dst).name))
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    return calls
+
+
+def test_resume_rewrites_log_atomically(tmp_path: Path, monkeypatch):
+    out = tmp_path / "run"
+    args = [*TINY, "--steps", "4", "--save-every", "2", "--out", str(out)]
+    train_clip.main([*args, "--keep-checkpoints"])
+    shutil.copy(out / "checkpoint-000002.pt", out / "checkpoint.pt")
+    straight, straight_losses = (out / "log.jsonl").read_text().splitlines(), _losses(out)
+    calls = _record_fsync_and_replace(monkeypatch, out)
+    train_clip.main([*args, "--resume", "auto"])
+    # log.jsonl: the checkpoint's lines to a synced temporary file beside it, then os.replace.
+    tmp = f".log.jsonl.tmp{os.getpid()}"
+    i = calls.index(("replace", tmp, "log.jsonl"))
+    assert calls[i - 1] == ("fsync", tmp)
+    assert (out / "log.jsonl").read_text().splitlines()[:2] == straight[:2]  # the checkpoint's lines
+    assert _losses(out) == straight_losses
+    assert not list(out.glob(".*tmp*"))
+
+
+def test_monitor_jsonl_is_synced_before_each_checkpoint(tmp_path: Path, monkeypatch):
+    out = tmp_path / "run"
+    calls = _record_fsync_and_replace(monkeypatch, out)
+    out.mkdir()
+    train_clip.main([*TINY, "--steps", "4", "--save-every", "2", "--out", str(out)])
+    sync, save = ("fsync", "monitor.jsonl"), ("replace", f".checkpoint.pt.tmp{os.getpid()}", "checkpoint.pt")
+    assert [c for c in calls if c in (sync, save)] == [sync, save] * 2  # saved at steps 2 and 4
+
+
+def test_resume_refuses_changed_settings(tmp_path: Path):
+    out = tmp_path / "run"
+    args = [*TINY, "--monitor-action", "skip", "--out", str(out)]
+    train_clip.main(args)
+    changes = {
+        "optimizer": (["--optimizer", "adamw"], "'stableadamw' -> 'adamw'"),
+        "monitor_action": (["--monitor-action", "rollback"], "'skip' -> 'rollback'"),
+        "monitor": (["--no-monitor"], "True -> False"),  # a monitor that skips steps changes the run
+        "grad_clip": (["--grad-clip", "1"], "0.0 -> 1.0"),
+        "data_seed": (["--data-seed", "1"], "0 -> 1"),
+        "synthetic_size": (["--synthetic-size", "32"], "64 -> 32"),
+        "amp": (["--amp", "bf16"], "'auto' -> 'bf16'"),
+        "augment": (["--augment"], "False -> True"),
+        "ls_init": (["--ls-init"], "False -> True"),
+        "swap_all": (["--swap-all"], "False -> True"),
+        "lr": (["--lr", "1e-3"], "0.002 -> 0.001"),  # the checkpoint's optimizer state would override these
+        "wd": (["--wd", "0"], "0.1 -> 0.0"),
+        "beta2": (["--beta2", "0.95"], "0.98 -> 0.95"),
+    }
+    for key, (flags, values) in changes.items():
+        with pytest.raises(ValueError, match=rf"\b{key} {re.escape(values)}"):
+            train_clip.main([*args, *flags, "--resume", "auto"])
+    with pytest.raises(ValueError, match=r"optimizer 'stableadamw' -> 'adamw', grad_clip 0.0 -> 1.0"):
+        train_clip.main([*args, "--optimizer", "adamw", "--grad-clip", "1", "--resume", "auto"])
+    # Output, logging, evaluation and checkpoint flags may change.
+    allowed = ["--log-every", "5", "--save-every", "7", "--eval-every", "3", "--zeroshot-samples", "60"]
+    assert train_clip.main([*args, *allowed, "--resume", "auto"])["steps"] == 2
 
 
 def test_torchrun_two_processes_match_one(tmp_path: Path):
