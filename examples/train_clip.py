@@ -297,12 +297,6 @@ def atomic_write_text(text: str, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def fsync_file(path: Path) -> None:
-    """Syncs a file that another object writes and flushes (fsync syncs the file, whichever descriptor)."""
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 def plot_curves(path: Path, log: list[dict], title: str) -> None:
     """loss (raw and smoothed) and learning rate against step."""
     import matplotlib
@@ -623,9 +617,9 @@ def main(argv: list[str] | None = None) -> dict | None:
                     "monitor": monitor.state_dict() if monitor is not None else None,
                 }
                 if monitor is not None:
-                    # The monitor flushes its lines but does not fsync them; a resume truncates
-                    # monitor.jsonl back to the checkpoint, so the lines must be on disk before it is.
-                    fsync_file(out / "monitor.jsonl")
+                    # A resume truncates monitor.jsonl back to the checkpoint's step, so the log
+                    # must be on disk before the checkpoint is.
+                    monitor.sync()
                 atomic_save(checkpoint, out / "checkpoint.pt")
                 if args.keep_checkpoints:
                     atomic_save(checkpoint, out / f"checkpoint-{step + 1:06d}.pt")
