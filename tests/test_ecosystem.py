@@ -7,6 +7,7 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.fsdp
 import torch.multiprocessing as mp
 from torch import nn
 
@@ -85,21 +86,6 @@ def _ddp_worker(rank, world, port, x, target, grads_path):
         dist.destroy_process_group()
 
 
-def test_ddp_two_processes_match_one_process_on_the_whole_batch(tmp_path):
-    torch.manual_seed(1)
-    x, target = torch.randn(4, 9, 32), torch.randn(4, 9, 32)
-    single = make_model()
-    (single(x) - target).square().mean().backward()
-
-    grads_path = tmp_path / "grads.pt"
-    mp.spawn(_ddp_worker, args=(2, _free_port(), x, target, grads_path), nprocs=2, join=True)
-    ddp_grads = torch.load(grads_path, weights_only=True)
-    # Row-wise scales make each sample's int8 values independent of the batch it shares, so the
-    # averaged gradients match up to fp32 summation order.
-    for name, p in single.named_parameters():
-        torch.testing.assert_close(ddp_grads[name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
-
-
 def _fsdp2_worker(rank, world, port, x, target, grads_path):
     from torch.distributed.fsdp import fully_shard
 
@@ -122,18 +108,22 @@ def _fsdp2_worker(rank, world, port, x, target, grads_path):
         dist.destroy_process_group()
 
 
-def test_fsdp2_two_processes_match_one_process_on_the_whole_batch(tmp_path):
-    """fully_shard over the swapped blocks (attention wrapper included): the forward all-gathers
-    the whole weight, so its int8 scale is the unsharded one and the gradients match."""
-    pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 (fully_shard) needs torch >= 2.6")
+@pytest.mark.parametrize("worker", [_ddp_worker, _fsdp2_worker], ids=["ddp", "fsdp2"])
+def test_two_processes_match_one_process_on_the_whole_batch(worker, tmp_path):
+    """DDP, and FSDP2's fully_shard over the swapped blocks (attention wrapper included): FSDP2's
+    forward all-gathers the whole weight, so its int8 scale is the unsharded one. Row-wise scales
+    make each sample's int8 values independent of the batch it shares, so the averaged gradients
+    match one process up to fp32 summation order."""
+    if worker is _fsdp2_worker and not hasattr(torch.distributed.fsdp, "fully_shard"):
+        pytest.skip("FSDP2 (torch.distributed.fsdp.fully_shard) needs torch >= 2.6")
     torch.manual_seed(1)
     x, target = torch.randn(4, 9, 32), torch.randn(4, 9, 32)
     single = make_model()
     (single(x) - target).square().mean().backward()
 
     grads_path = tmp_path / "grads.pt"
-    mp.spawn(_fsdp2_worker, args=(2, _free_port(), x, target, grads_path), nprocs=2, join=True)
-    fsdp_grads = torch.load(grads_path, weights_only=True)
-    assert set(fsdp_grads) == {n for n, _ in single.named_parameters()}
+    mp.spawn(worker, args=(2, _free_port(), x, target, grads_path), nprocs=2, join=True)
+    grads = torch.load(grads_path, weights_only=True)
+    assert set(grads) == {n for n, _ in single.named_parameters()}
     for name, p in single.named_parameters():
-        torch.testing.assert_close(fsdp_grads[name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6, msg=name)
