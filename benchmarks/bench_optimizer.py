@@ -77,7 +77,8 @@ def _lowbit(foreach: bool):
 
 def _optimi(params):
     optimi = optional_import("optimi", "pip install torch-optimi")
-    return optimi.StableAdamW(params, **_accepted(optimi.StableAdamW, {**HYPER, "foreach": True}))
+    # optimi's own default: its Triton step on CUDA (foreach is deprecated there), per-tensor on CPU.
+    return optimi.StableAdamW(params, **_accepted(optimi.StableAdamW, HYPER))
 
 
 def _pytorch_optimizer(params):
