@@ -1,17 +1,13 @@
 """A swapped model under torch.compile, DistributedDataParallel and FSDP2 (2 CPU processes on gloo)."""
 
-import datetime
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.distributed.fsdp
-import torch.multiprocessing as mp
 from torch import nn
 
 import lowbit
+from tests.gloo import spawn_on_gloo
 
 SWAP_ALL = {"filter_fn": lambda module, name: True}
 
@@ -65,47 +61,29 @@ def test_eval_forward_compiles_with_fullgraph(backend):
         torch.testing.assert_close(compiled(x), eager, rtol=0, atol=0)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _ddp_worker(rank, world, x, target, grads_path):
+    model = nn.parallel.DistributedDataParallel(make_model())
+    shard = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+    loss = (model(x[shard]) - target[shard]).square().mean()
+    loss.backward()
+    if rank == 0:
+        torch.save({n: p.grad for n, p in model.module.named_parameters()}, grads_path)
 
 
-def _ddp_worker(rank, world, port, x, target, grads_path):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-    try:
-        model = nn.parallel.DistributedDataParallel(make_model())
-        shard = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
-        loss = (model(x[shard]) - target[shard]).square().mean()
-        loss.backward()
-        if rank == 0:
-            torch.save({n: p.grad for n, p in model.module.named_parameters()}, grads_path)
-    finally:
-        dist.barrier()  # both ranks done before gloo tears down (an early exit can abort the other)
-        dist.destroy_process_group()
-
-
-def _fsdp2_worker(rank, world, port, x, target, grads_path):
+def _fsdp2_worker(rank, world, x, target, grads_path):
     from torch.distributed.fsdp import fully_shard
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-    try:
-        model = make_model()
-        for block in model:
-            fully_shard(block)
-        fully_shard(model)
-        shard = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
-        loss = (model(x[shard]) - target[shard]).square().mean()
-        loss.backward()
-        # Each rank holds half of every parameter; full_tensor() all-gathers the averaged gradient.
-        grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
-        if rank == 0:
-            torch.save(grads, grads_path)
-    finally:
-        dist.barrier()
-        dist.destroy_process_group()
+    model = make_model()
+    for block in model:
+        fully_shard(block)
+    fully_shard(model)
+    shard = slice(rank * len(x) // world, (rank + 1) * len(x) // world)
+    loss = (model(x[shard]) - target[shard]).square().mean()
+    loss.backward()
+    # Each rank holds half of every parameter; full_tensor() all-gathers the averaged gradient.
+    grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+    if rank == 0:
+        torch.save(grads, grads_path)
 
 
 @pytest.mark.parametrize("worker", [_ddp_worker, _fsdp2_worker], ids=["ddp", "fsdp2"])
@@ -122,7 +100,7 @@ def test_two_processes_match_one_process_on_the_whole_batch(worker, tmp_path):
     (single(x) - target).square().mean().backward()
 
     grads_path = tmp_path / "grads.pt"
-    mp.spawn(worker, args=(2, _free_port(), x, target, grads_path), nprocs=2, join=True)
+    spawn_on_gloo(worker, x, target, grads_path)
     grads = torch.load(grads_path, weights_only=True)
     assert set(grads) == {n for n, _ in single.named_parameters()}
     for name, p in single.named_parameters():

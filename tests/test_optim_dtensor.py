@@ -4,24 +4,14 @@ The RMS is per tensor, not per shard: with parameters split over two processes, 
 must equal the one taken on the whole tensor.
 """
 
-import datetime
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import lowbit
+from tests.gloo import spawn_on_gloo
 
 tensor_api = pytest.importorskip("torch.distributed.tensor")
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _grads(step):
@@ -41,29 +31,23 @@ def _run(params, foreach, to_param=lambda g, p: g):
     return rms
 
 
-def _worker(rank, world, port, foreach, out_path):
+def _worker(rank, world, foreach, out_path):
     from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-    try:
-        mesh = init_device_mesh("cpu", (world,))
-        torch.manual_seed(0)
-        whole = (torch.randn(8, 6), torch.randn(4))
-        params = [torch.nn.Parameter(distribute_tensor(t, mesh, [Shard(0)])) for t in whole]
-        rms = _run(params, foreach, lambda g, p: distribute_tensor(g, mesh, [Shard(0)]))
-        full = [p.full_tensor() for p in params]
-        if rank == 0:
-            torch.save({"params": full, "rms": rms}, out_path)
-    finally:
-        dist.barrier()  # both ranks done before gloo tears down (an early exit can abort the other)
-        dist.destroy_process_group()
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)
+    whole = (torch.randn(8, 6), torch.randn(4))
+    params = [torch.nn.Parameter(distribute_tensor(t, mesh, [Shard(0)])) for t in whole]
+    rms = _run(params, foreach, lambda g, p: distribute_tensor(g, mesh, [Shard(0)]))
+    full = [p.full_tensor() for p in params]
+    if rank == 0:
+        torch.save({"params": full, "rms": rms}, out_path)
 
 
 @pytest.mark.parametrize("foreach", [False, True])
 def test_sharded_steps_equal_whole_tensor_steps(foreach, tmp_path):
     out_path = tmp_path / "sharded.pt"
-    mp.spawn(_worker, args=(2, _free_port(), foreach, out_path), nprocs=2, join=True)
+    spawn_on_gloo(_worker, foreach, out_path)
     sharded = torch.load(out_path, weights_only=True)
 
     torch.manual_seed(0)
