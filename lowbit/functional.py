@@ -1,12 +1,18 @@
-"""SwitchBack as autograd Functions: which matmul runs in int8, which in 16-bit, and what is saved.
+"""SwitchBack as an autograd Function: which matmul runs in int8, which in 16-bit, and what is saved.
 
 Paper (Wortsman, Dettmers et al. 2023, section 2.2): of a linear layer's three matmuls, the forward
 x @ w.T and grad_input g @ w have a small inner dimension (the layer's width) and run in int8 with
 row-wise x and g; the weight gradient g.T @ x sums over batch x sequence, where int8 error would
 pile up, so it "switches back" to the input's 16-bit dtype.
+
+grad_input is computed by the same Function, with w.T as its weight: the backward is then itself
+made of differentiable pieces (double backward gives SwitchBack's second-order gradients) and of
+pieces that torch.func's vmap knows how to batch.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -15,49 +21,90 @@ from lowbit._inputs import (
     autocast_linear_inputs,
     autocast_off,
     check_linear_inputs,
-    needs_autograd,
+    matmul_dtype,
+    quantizable,
     unflatten_output,
 )
 from lowbit.config import SwitchBackConfig
 
-__all__ = ["switchback_linear", "Int8WeightCache"]
+__all__ = ["switchback_linear", "FrozenInt8Weight"]
+
+_DEFAULT_CONFIG = SwitchBackConfig()
 
 
-def _quantize_weight(weight: torch.Tensor, config: SwitchBackConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """The forward's int8 weight (N, K): one scale, or one per output row."""
+def quantize_weight(weight: torch.Tensor, config: SwitchBackConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int8 weight (N, K) of x @ w.T: one scale, or one per output row ("row").
+
+    For grad_input the Function is called with w.T (K, N) as its weight, so "row" then scales per
+    input column of w, the only choice that can be taken out of grad_input's sum over output rows.
+    """
+    weight = quantizable(weight)
     if config.weight_quant == "tensor":
         return ops.quantize_tensorwise(weight)
     return ops.quantize_rowwise(weight)
 
 
-def _quantize_weight_t(weight: torch.Tensor, config: SwitchBackConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """grad_input's int8 weight, transposed to (K, N) so the int8 GEMM reads it K-major.
+class FrozenInt8Weight:
+    """The int8 copy of one Parameter, made by `SwitchBackLinear.freeze_weight()` for inference.
 
-    "row" scales it per input column here: grad_input sums over the output rows, so a row scale
-    could not be taken out of that sum.
+    Invariant: the copy is used only for that same Parameter object, in the same dtype, while its
+    version counter (bumped by optimizer steps, `copy_`, `load_state_dict`) and its storage (changed
+    by `param.data = ...`, as in `vector_to_parameters`) are the ones it was made from. The old
+    storage is held, so no new tensor can take its address. `functional_call`, `assign=True` loads
+    and `torch.func` pass other tensor objects and never see it. The one write it cannot see is an
+    in-place write to `param.data` (`.data.copy_`): call `freeze_weight()` again after one.
     """
-    if config.weight_quant == "tensor":
-        return ops.quantize_tensorwise(weight, transpose=True)
-    return ops.quantize_colwise_transposed(weight)
 
+    def __init__(self, param: torch.Tensor, config: SwitchBackConfig) -> None:
+        self.param = param
+        self.config = config
+        self._storage = param.untyped_storage()
+        self._version = param._version
+        self._by_dtype: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
 
-_DEFAULT_CONFIG = SwitchBackConfig()
+    def is_current(self, param: torch.Tensor) -> bool:
+        return (
+            param is self.param
+            and param._version == self._version
+            and param.untyped_storage().data_ptr() == self._storage.data_ptr()
+        )
+
+    def lookup(self, param: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The int8 weight for `weight` (param itself, or its autocast copy), or None if not current."""
+        if torch.compiler.is_compiling() or not self.is_current(param):
+            return None
+        if weight.dtype not in self._by_dtype:
+            with torch.no_grad():
+                self._by_dtype[weight.dtype] = quantize_weight(weight.detach(), self.config)
+        return self._by_dtype[weight.dtype]
 
 
 class _SwitchBackMatmul(torch.autograd.Function):
-    """out (M, N) = x (M, K) @ weight (N, K).T + bias, int8 forward and grad_input, 16-bit grad_weight."""
+    """(out (..., N), x_int8, x_absmax) for out = input (..., K) @ weight (N, K).T + bias.
+
+    int8 forward and grad_input, high-precision grad_weight. x_int8 / x_absmax (the row-wise int8
+    input) are returned for mem_efficient's backward; they carry no gradient.
+    """
 
     @staticmethod
-    def forward(ctx, input, weight, bias, config: SwitchBackConfig):
+    def forward(input, weight, bias, config: SwitchBackConfig, frozen_weight):
+        x = input.reshape(-1, input.shape[-1])
+        x_int8, x_absmax = ops.quantize_rowwise(quantizable(x))
+        w_int8, w_absmax = frozen_weight if frozen_weight is not None else quantize_weight(weight, config)
+        out = ops.int8_matmul_dequant(
+            x_int8, w_int8.t(), x_absmax, w_absmax, bias=bias, out_dtype=matmul_dtype(input.dtype)
+        )
         # Flattened here rather than by the caller, so the output is a fresh tensor, as nn.Linear's is
         # (an output that is a view breaks in-place ops after the layer, e.g. FSDP2's hooks).
-        ctx.input_shape = input.shape
-        x = input.reshape(-1, input.shape[-1])
-        x_int8, x_absmax = ops.quantize_rowwise(x)
-        w_int8, w_absmax = _quantize_weight(weight, config)
-        out = ops.int8_matmul_dequant(x_int8, w_int8.t(), x_absmax, w_absmax, bias=bias, out_dtype=x.dtype)
+        return unflatten_output(out.to(input.dtype), input), x_int8, x_absmax
 
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, config, _ = inputs
+        _, x_int8, x_absmax = output
+        ctx.mark_non_differentiable(x_int8, x_absmax)
         ctx.config = config
+        ctx.input_shape = input.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
         # x is needed only for grad_weight: keep it, or its int8 copy, only then.
         if not ctx.needs_input_grad[1]:
@@ -65,65 +112,64 @@ class _SwitchBackMatmul(torch.autograd.Function):
         elif config.mem_efficient:
             ctx.save_for_backward(weight, x_int8, x_absmax)
         else:
-            ctx.save_for_backward(weight, x)
-        return unflatten_output(out, input)
+            ctx.save_for_backward(weight, input)
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx, grad_output, _grad_x_int8, _grad_x_absmax):
         weight, *saved_x = ctx.saved_tensors
-        grad_output = grad_output.reshape(-1, grad_output.shape[-1])
         config = ctx.config
+        g = grad_output.reshape(-1, grad_output.shape[-1])
         grad_input = grad_weight = grad_bias = None
 
-        # grad_input = g @ w, in int8: g row-wise, w tensor-wise (or column-wise for "row").
+        # grad_input = g @ w, in int8: g row-wise, w tensor-wise (or per input column for "row").
         if ctx.needs_input_grad[0]:
-            g_int8, g_absmax = ops.quantize_rowwise(grad_output)
-            w_t_int8, w_t_absmax = _quantize_weight_t(weight, config)
-            grad_input = ops.int8_matmul_dequant(
-                g_int8, w_t_int8.t(), g_absmax, w_t_absmax, out_dtype=grad_output.dtype
-            ).view(ctx.input_shape)
+            grad_config = dataclasses.replace(config, mem_efficient=False)
+            grad_input = _SwitchBackMatmul.apply(g, weight.t(), None, grad_config, None)[0]
+            grad_input = grad_input.reshape(ctx.input_shape)
 
         # grad_weight = g.T @ x, in the input's 16-bit dtype (mem_efficient: against dequantized x).
         if ctx.needs_input_grad[1]:
-            x = ops.dequantize_rowwise(*saved_x, grad_output.dtype) if config.mem_efficient else saved_x[0]
-            grad_weight = grad_output.t().mm(x)
+            if config.mem_efficient:
+                if torch.is_grad_enabled() and ctx.needs_input_grad[0]:
+                    raise RuntimeError(
+                        "switchback-memeff keeps only the int8 copy of the input, so its weight gradient "
+                        "has no derivative with respect to the input: double backward (create_graph=True) "
+                        "needs weight_quant without mem_efficient (\"switchback\" or \"switchback-row\")"
+                    )
+                x_int8, x_absmax = saved_x
+                x = ops.dequantize_rowwise(x_int8, x_absmax, grad_output.dtype)
+            else:
+                x = saved_x[0].reshape(-1, saved_x[0].shape[-1])
+            grad_weight = g.t().mm(x)
 
         # grad_bias = sum of g over the rows.
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
-            grad_bias = grad_output.sum(dim=0).to(ctx.bias_dtype)
+            grad_bias = g.sum(dim=0).to(ctx.bias_dtype)
 
-        return grad_input, grad_weight, grad_bias, None
+        return grad_input, grad_weight, grad_bias, None, None
 
-
-class Int8WeightCache:
-    """The int8 copy of a layer's own weight for inference-only forwards, kept while it is current.
-
-    The key holds the Parameter's storage, version counter (bumped by every in-place update through
-    the Parameter: optimizer steps, load_state_dict) and the dtype it is used in (autocast casts a
-    fresh copy every call, so the copy itself could never be the key). Writes through `.data` bypass
-    the version counter: the layer clears its cache whenever train()/eval() is called.
-    """
-
-    def __init__(self) -> None:
-        self._key: tuple | None = None
-        self._value: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def usable_for(self, param: torch.Tensor) -> bool:
-        # Compiled graphs do their own caching (and Dynamo cannot trace is_inference(), hence the
-        # order); inference tensors have no version counter.
-        return not torch.compiler.is_compiling() and not param.is_inference()
-
-    def get(
-        self, param: torch.Tensor, dtype: torch.dtype, config: SwitchBackConfig
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (param.data_ptr(), param.device, param._version, dtype, config.weight_quant)
-        if key != self._key:
-            self._value = _quantize_weight(param.detach().to(dtype), config)
-            self._key = key
-        return self._value
-
-    def clear(self) -> None:
-        self._key = self._value = None
+    @staticmethod
+    def vmap(info, in_dims, input, weight, bias, config, frozen_weight):
+        input_dim, weight_dim, bias_dim, _, _ = in_dims
+        if weight_dim is None and bias_dim is None:
+            # Rows are quantized one by one, so a batch of inputs is just more rows: one call.
+            x = input.movedim(input_dim, 0)
+            out, x_int8, x_absmax = _SwitchBackMatmul.apply(x, weight, bias, config, frozen_weight)
+            batch = info.batch_size
+            return (out, x_int8.reshape(batch, -1, x_int8.shape[-1]), x_absmax.reshape(batch, -1)), (0, 0, 0)
+        # A batch of weights (model ensembles): each member is its own layer, quantized on its own.
+        outs = []
+        for i in range(info.batch_size):
+            outs.append(
+                _SwitchBackMatmul.apply(
+                    input if input_dim is None else input.select(input_dim, i),
+                    weight if weight_dim is None else weight.select(weight_dim, i),
+                    bias if bias_dim is None else bias.select(bias_dim, i),
+                    config,
+                    None,
+                )
+            )
+        return tuple(torch.stack(parts) for parts in zip(*outs)), (0, 0, 0)
 
 
 def switchback_linear(
@@ -132,17 +178,16 @@ def switchback_linear(
     bias: torch.Tensor | None = None,
     *,
     config: SwitchBackConfig = _DEFAULT_CONFIG,
-    weight_cache: Int8WeightCache | None = None,
+    frozen_weight: FrozenInt8Weight | None = None,
 ) -> torch.Tensor:
     """SwitchBack's F.linear: input (..., K) @ weight (N, K).T + bias -> (..., N) in the input's dtype.
 
     Args:
-        input: (..., K) float32/float16/bfloat16, any strides, at least 2-D.
+        input: (K,) or (..., K) float16/bfloat16/float32/float64, any strides and sizes.
         weight: (N, K) of the input's dtype (under autocast both are cast, as for F.linear).
         bias: optional (N,).
         config: weight quantization and memory options.
-        weight_cache: the layer's cache for `weight` (its own Parameter), used only when no
-            gradient is needed, to quantize the weight once.
+        frozen_weight: an int8 copy of `weight` made by `freeze_weight()`, used only while current.
 
     Returns:
         (..., N) tensor. A row of the input holding inf or NaN gives NaN in that output row only;
@@ -151,14 +196,6 @@ def switchback_linear(
     param = weight
     input, weight, bias = autocast_linear_inputs(input, weight, bias)
     check_linear_inputs(input, weight, bias, "switchback_linear")
+    w_frozen = frozen_weight.lookup(param, weight) if frozen_weight is not None else None
     with autocast_off(input.device.type):  # inputs are already cast; the int8 ops pick their own dtypes
-        if needs_autograd(input, weight, bias):
-            return _SwitchBackMatmul.apply(input, weight, bias, config)
-        # Inference: no autograd graph, and the weight quantized once while it stays unchanged.
-        if weight_cache is not None and weight_cache.usable_for(param):
-            w_int8, w_absmax = weight_cache.get(param, weight.dtype, config)
-        else:
-            w_int8, w_absmax = _quantize_weight(weight, config)
-        x_int8, x_absmax = ops.quantize_rowwise(input.reshape(-1, input.shape[-1]))
-        out = ops.int8_matmul_dequant(x_int8, w_int8.t(), x_absmax, w_absmax, bias=bias, out_dtype=input.dtype)
-        return unflatten_output(out, input)
+        return _SwitchBackMatmul.apply(input, weight, bias, config, w_frozen)[0]

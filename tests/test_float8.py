@@ -222,9 +222,9 @@ def test_layer_options_and_repr():
 
 def test_bad_inputs_get_clear_errors(monkeypatch):
     layer = Float8Linear(8, 4)
-    with pytest.raises(ValueError, match="at least 2 dims"):
-        layer(torch.randn(8))
-    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+    with pytest.raises(ValueError, match="0-dim"):
+        layer(torch.tensor(1.0))
+    with pytest.raises(TypeError, match="float16, bfloat16, float32 or float64"):
         layer(torch.ones(2, 8, dtype=torch.int64))
     with pytest.raises(TypeError, match="weight is torch.float32"):
         layer(torch.randn(2, 8, dtype=torch.bfloat16))

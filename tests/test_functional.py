@@ -130,39 +130,18 @@ def test_autocast_bf16():
     assert sqnr_db(ref[2], layer.weight.grad) >= 45
 
 
-def test_no_grad_matches_and_weight_cache_follows_updates():
+def test_no_grad_matches_and_follows_in_place_updates():
     x, *_ = make()
     layer = lowbit.SwitchBackLinear(56, 72).eval()
     with_grad = layer(x)
     with torch.no_grad():
         first = layer(x)
         assert torch.equal(first, with_grad.detach())
-        assert torch.equal(layer(x), first)  # served from the int8 cache
         layer.weight.mul_(2.0)  # an in-place update, as an optimizer step makes
         assert sqnr_db(2 * (first - layer.bias), layer(x) - layer.bias) >= 60
     layer.load_state_dict({"weight": torch.zeros(72, 56), "bias": torch.ones(72)})
     with torch.no_grad():
         assert torch.equal(layer(x), torch.ones(37, 72))
-
-
-@pytest.mark.parametrize("update", ["optimizer", "data"])
-def test_eval_cache_under_autocast_never_serves_a_stale_weight(update):
-    """Autocast hands the op a fresh bf16 copy each call; the cache must follow the Parameter."""
-    x = torch.randn(16, 56)
-    layer = lowbit.SwitchBackLinear(56, 72)
-    optimizer = torch.optim.SGD(layer.parameters(), lr=1.0)
-    for _ in range(3):
-        layer.eval()
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-            cached = layer(x)
-            fresh = switchback_linear(x, layer.weight, layer.bias)  # no cache
-        assert torch.equal(cached, fresh)
-        layer.train()
-        if update == "optimizer":
-            layer(x).square().sum().backward()
-            optimizer.step()
-        else:  # writes through .data skip the version counter; train()/eval() drop the cache
-            layer.weight.data.mul_(-1.5)
 
 
 def test_inference_mode_and_in_place_ops_after_the_layer():
@@ -216,9 +195,9 @@ def test_non_finite_input_poisons_its_own_row_only(bad):
 
 def test_bad_inputs_get_clear_errors():
     layer = lowbit.SwitchBackLinear(8, 4)
-    with pytest.raises(ValueError, match="at least 2 dims"):
-        layer(torch.randn(8))
-    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+    with pytest.raises(ValueError, match="0-dim"):
+        layer(torch.tensor(1.0))
+    with pytest.raises(TypeError, match="float16, bfloat16, float32 or float64"):
         layer(torch.ones(2, 8, dtype=torch.int64))
     with pytest.raises(TypeError, match="weight is torch.float32"):
         layer(torch.randn(2, 8, dtype=torch.bfloat16))
