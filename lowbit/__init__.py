@@ -11,7 +11,7 @@ from lowbit.monitor import SpikeMonitor
 from lowbit.nn import Float8Linear, SwitchBackLinear
 from lowbit.optim import StableAdamW
 from lowbit.probe import FeatureProbe
-from lowbit.swap import swap, unswap
+from lowbit.swap import ALL, swap, unswap
 
 __version__ = "0.1.0"
 
@@ -24,6 +24,7 @@ __all__ = [
     "StableAdamW",
     "SpikeMonitor",
     "swap",
+    "ALL",
     "unswap",
     "get_backend",
     "use_backend",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
@@ -96,6 +97,11 @@ def autocast_off(device_type: str):
     if torch.amp.is_autocast_available(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
+
+
+def flatten_rows(t: torch.Tensor) -> torch.Tensor:
+    """(..., K) -> (M, K), M the product of the leading dims (0 included, which reshape(-1, K) refuses)."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
 def unflatten_output(out: torch.Tensor, input: torch.Tensor) -> torch.Tensor:

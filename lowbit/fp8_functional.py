@@ -16,6 +16,7 @@ from lowbit._inputs import (
     autocast_linear_inputs,
     autocast_off,
     check_linear_inputs,
+    flatten_rows,
     matmul_dtype,
     quantizable,
     unflatten_output,
@@ -48,7 +49,7 @@ class _Float8Matmul(torch.autograd.Function):
 
     @staticmethod
     def forward(input, weight, bias, config: Float8Config, scaled_mm: bool, input_fp8: torch.dtype):
-        x = input.reshape(-1, input.shape[-1])
+        x = flatten_rows(input)
         out, x_fp8, x_scale_inv = _output(x, weight, bias, config, scaled_mm, input_fp8)
         # Flattened here rather than by the caller, so the output is a fresh tensor as nn.Linear's is.
         return unflatten_output(out, input), x_fp8, x_scale_inv
@@ -75,7 +76,7 @@ class _Float8Matmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output, _grad_x_fp8, _grad_x_scale_inv):
         weight, *saved_x = ctx.saved_tensors
-        g = grad_output.reshape(-1, grad_output.shape[-1])
+        g = flatten_rows(grad_output)
         config, scaled_mm = ctx.config, ctx.scaled_mm
         tensorwise = config.recipe == "tensorwise"
         grad_input = grad_weight = grad_bias = None
@@ -101,7 +102,7 @@ class _Float8Matmul(torch.autograd.Function):
                     out_dtype=matmul_dtype(g.dtype), scaled_mm=scaled_mm,
                 ).to(g.dtype)
             else:
-                grad_weight = g.t().mm(saved_x[0].reshape(-1, saved_x[0].shape[-1]))
+                grad_weight = g.t().mm(flatten_rows(saved_x[0]))
 
         # grad_bias = sum of g over the rows, in high precision.
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:

@@ -72,8 +72,8 @@ def to_float8(x: torch.Tensor, fp8_dtype: torch.dtype, *, rowwise: bool) -> tupl
     scale = torch.where(amax > 0, torch.full_like(amax, fp8_max) / amax.clamp(min=AMAX_FLOOR), 1.0)
     scale = torch.where(finite, scale, 0.0)
     # A non-finite group has scale 0: its finite values give 0, its inf/NaN give NaN, set to 0 here.
-    y = torch.nan_to_num_(x.float() * scale, nan=0.0)
-    q = y.clamp_(-fp8_max, fp8_max).to(fp8_dtype)
+    y = torch.nan_to_num(x.float() * scale, nan=0.0)  # out of place: vmap batches these
+    q = y.clamp(-fp8_max, fp8_max).to(fp8_dtype)
     scale_inv = torch.where(finite, scale.reciprocal(), torch.nan)
     return q, scale_inv
 

@@ -21,6 +21,7 @@ from lowbit._inputs import (
     autocast_linear_inputs,
     autocast_off,
     check_linear_inputs,
+    flatten_rows,
     matmul_dtype,
     quantizable,
     unflatten_output,
@@ -88,7 +89,7 @@ class _SwitchBackMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(input, weight, bias, config: SwitchBackConfig, frozen_weight):
-        x = input.reshape(-1, input.shape[-1])
+        x = flatten_rows(input)
         x_int8, x_absmax = ops.quantize_rowwise(quantizable(x))
         w_int8, w_absmax = frozen_weight if frozen_weight is not None else quantize_weight(weight, config)
         out = ops.int8_matmul_dequant(
@@ -118,7 +119,7 @@ class _SwitchBackMatmul(torch.autograd.Function):
     def backward(ctx, grad_output, _grad_x_int8, _grad_x_absmax):
         weight, *saved_x = ctx.saved_tensors
         config = ctx.config
-        g = grad_output.reshape(-1, grad_output.shape[-1])
+        g = flatten_rows(grad_output)
         grad_input = grad_weight = grad_bias = None
 
         # grad_input = g @ w, in int8: g row-wise, w tensor-wise (or per input column for "row").
@@ -139,7 +140,7 @@ class _SwitchBackMatmul(torch.autograd.Function):
                 x_int8, x_absmax = saved_x
                 x = ops.dequantize_rowwise(x_int8, x_absmax, grad_output.dtype)
             else:
-                x = saved_x[0].reshape(-1, saved_x[0].shape[-1])
+                x = flatten_rows(saved_x[0])
             grad_weight = g.t().mm(x)
 
         # grad_bias = sum of g over the rows.
