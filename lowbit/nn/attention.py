@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from lowbit.nn.base import LowbitLinear, stash_without_parameters
+from lowbit.nn.base import LowbitLinear, refuse_torchscript, stash_without_parameters
 from lowbit.nn.mha_forward import multi_head_attention_forward
 
 __all__ = [
@@ -89,6 +89,8 @@ class LowbitMultiheadAttention(nn.MultiheadAttention):
         mha.out_proj = self.out_proj.to_original()
         mha.train(self.training)
         return mha
+
+    __prepare_scriptable__ = refuse_torchscript
 
     def forward(self, query, key, value, *args, **kwargs):
         # nn.MultiheadAttention.forward (batch_first, argument checks) with its call to
