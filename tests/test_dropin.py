@@ -261,3 +261,37 @@ def test_size_one_layers_are_exact_enough(shape):
     layer = SwitchBackLinear(*shape)
     x = torch.randn(7, shape[0])
     assert sqnr_db(exact(layer, x), layer(x)) >= 30
+
+
+# --- export and activation checkpointing ------------------------------------------------------------
+
+
+def test_torch_export_of_a_swapped_model_and_attention():
+    model = lowbit.swap(nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)), filter_fn=lowbit.ALL)
+    x = torch.randn(3, 8)
+    exported = torch.export.export(model, (x,))
+    assert torch.equal(exported.module()(x), model(x))
+
+    class SelfAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            attn = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.attn = lowbit.swap(nn.ModuleList([attn]), filter_fn=lowbit.ALL)[0]
+
+        def forward(self, x):
+            return self.attn(x, x, x, need_weights=False)[0]
+
+    module = SelfAttention()
+    x = torch.randn(2, 5, 16)
+    assert torch.equal(torch.export.export(module, (x,)).module()(x), module(x))
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_activation_checkpointing_gives_the_same_gradients(name):
+    layer = VARIANTS[name](40, 24)
+    x = torch.randn(9, 40, requires_grad=True)
+    layer(x).square().sum().backward()
+    plain = (x.grad.clone(), layer.weight.grad.clone())
+    x.grad = layer.weight.grad = layer.bias.grad = None
+    torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False).square().sum().backward()
+    assert torch.equal(x.grad, plain[0]) and torch.equal(layer.weight.grad, plain[1])
