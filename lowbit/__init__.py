@@ -11,6 +11,7 @@ from lowbit.monitor import SpikeMonitor
 from lowbit.nn import Float8Linear, SwitchBackLinear
 from lowbit.optim import StableAdamW
 from lowbit.probe import FeatureProbe
+from lowbit.registry import layer_names, register_layer
 from lowbit.swap import ALL, swap, unswap
 
 __version__ = "0.1.0"
@@ -25,6 +26,8 @@ __all__ = [
     "SpikeMonitor",
     "swap",
     "ALL",
+    "layer_names",
+    "register_layer",
     "unswap",
     "get_backend",
     "use_backend",

@@ -80,6 +80,26 @@ class FrozenInt8Weight:
         return self._by_dtype[weight.dtype]
 
 
+_PER_FEATURE = SwitchBackConfig(weight_quant="row")
+# Tokens per int8 grad_weight chunk: the most an int32 sum of int8 products can take.
+GRAD_WEIGHT_CHUNK = ops.MAX_INNER_DIM
+
+
+def _int8_grad_weight(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """g.T (N, M) @ x (M, K) in int8, g.T and x scaled per feature over the tokens (LLM.int8()).
+
+    The Function itself, with g.T as the input and x.T as a row-scaled weight, so it stays
+    differentiable; in chunks of at most MAX_INNER_DIM tokens (each with its own scales), so the
+    int32 sums cannot overflow.
+    """
+    chunk = GRAD_WEIGHT_CHUNK
+    parts = [
+        _SwitchBackMatmul.apply(g[i : i + chunk].t(), x[i : i + chunk].t(), None, _PER_FEATURE, None)[0]
+        for i in range(0, max(g.shape[0], 1), chunk)
+    ]
+    return parts[0] if len(parts) == 1 else torch.stack(parts).sum(dim=0)
+
+
 class _SwitchBackMatmul(torch.autograd.Function):
     """(out (..., N), x_int8, x_absmax) for out = input (..., K) @ weight (N, K).T + bias.
 
@@ -141,7 +161,7 @@ class _SwitchBackMatmul(torch.autograd.Function):
                 x = ops.dequantize_rowwise(x_int8, x_absmax, grad_output.dtype)
             else:
                 x = flatten_rows(saved_x[0])
-            grad_weight = g.t().mm(x)
+            grad_weight = _int8_grad_weight(g, x) if config.grad_weight == "int8" else g.t().mm(x)
 
         # grad_bias = sum of g over the rows.
         if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:

@@ -24,19 +24,11 @@ from lowbit.nn.attention import (
     without_fast_path,
 )
 from lowbit.nn.base import LowbitLinear
+from lowbit.registry import layer_names, layer_spec
 
-__all__ = ["swap", "unswap", "default_filter", "ALL", "MIN_FEATURES", "LAYER_NAMES"]
+__all__ = ["swap", "unswap", "default_filter", "ALL", "MIN_FEATURES"]
 
 logger = logging.getLogger("lowbit.swap")
-
-# name -> (layer class, its options); fp8 names resolve when lowbit.nn has Float8Linear.
-LAYER_NAMES = {
-    "switchback": ("SwitchBackLinear", {}),
-    "switchback-row": ("SwitchBackLinear", {"weight_quant": "row"}),
-    "switchback-memeff": ("SwitchBackLinear", {"mem_efficient": True}),
-    "fp8-tensorwise": ("Float8Linear", {"recipe": "tensorwise"}),
-    "fp8-switchback": ("Float8Linear", {"recipe": "switchback"}),
-}
 
 # Below this width the quantize passes cost about as much as the int8 GEMM saves: the paper's
 # speed-ups (Fig. 4) grow with the layer's dimension and are small under ~1k.
@@ -67,17 +59,10 @@ def ALL(module: nn.Module, name: str) -> bool:  # noqa: N802 (a constant-like fi
 def _resolve(to: str | type[LowbitLinear], layer_kwargs: dict) -> tuple[type[LowbitLinear], dict]:
     if isinstance(to, type):
         if not issubclass(to, LowbitLinear):
-            raise TypeError(f"swap: `to` must be a LowbitLinear subclass or one of {list(LAYER_NAMES)}, got {to}")
+            raise TypeError(f"swap: `to` must be a LowbitLinear subclass or one of {list(layer_names())}, got {to}")
         return to, dict(layer_kwargs)
-    if to not in LAYER_NAMES:
-        raise ValueError(f"swap: unknown layer name {to!r}; expected one of {list(LAYER_NAMES)} or a class")
-    class_name, options = LAYER_NAMES[to]
-    from lowbit import nn as lowbit_nn
-
-    cls = getattr(lowbit_nn, class_name, None)
-    if cls is None:
-        raise NotImplementedError(f"swap: {to!r} needs lowbit.nn.{class_name}, which this version does not have")
-    return cls, {**options, **layer_kwargs}
+    spec = layer_spec(to)
+    return spec.cls, spec.build_kwargs(**layer_kwargs)
 
 
 def _is_candidate(module: nn.Module) -> bool:
@@ -154,9 +139,9 @@ def swap(
     Args:
         model: any nn.Module (open_clip and timm ViTs, nn.Transformer* included); not a TorchScript
             module (swap first, then script).
-        to: a LowbitLinear subclass, or one of "switchback", "switchback-row", "switchback-memeff",
-            "fp8-tensorwise", "fp8-switchback". Layers already swapped to another format are
-            re-targeted to this one.
+        to: a LowbitLinear subclass, or a registered name (`lowbit.layer_names()`: "switchback",
+            "switchback-row", "switchback-memeff", "llm-int8", "fp8-tensorwise", "fp8-switchback").
+            Layers already swapped to another format are re-targeted to this one.
         filter_fn: `filter_fn(module, qualified_name) -> bool` picks the layers to swap;
             `default_filter` (layers at least MIN_FEATURES wide) when None, `lowbit.ALL` for all.
         **layer_kwargs: options for the layer class (e.g. weight_quant="row").

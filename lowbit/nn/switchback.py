@@ -7,6 +7,7 @@ import torch
 from lowbit.config import SwitchBackConfig
 from lowbit.functional import FrozenInt8Weight, switchback_linear
 from lowbit.nn.base import LowbitLinear
+from lowbit.registry import register_layer
 
 
 class SwitchBackLinear(LowbitLinear):
@@ -20,6 +21,8 @@ class SwitchBackLinear(LowbitLinear):
         in_features, out_features, bias, device, dtype: as for nn.Linear.
         weight_quant: "tensor" (the paper's default) or "row" (vectorwise).
         mem_efficient: save int8 x for backward instead of x.
+        grad_weight: "high" (SwitchBack: the input's dtype) or "int8" (the paper's LLM.int8()
+            baseline, which loses accuracy at scale).
 
     The int8 weight is made again at every call, so any change to the weight is seen. For
     inference with weights that no longer change, `freeze_weight()` keeps one int8 copy (see
@@ -34,11 +37,12 @@ class SwitchBackLinear(LowbitLinear):
         *,
         weight_quant: str = "tensor",
         mem_efficient: bool = False,
+        grad_weight: str = "high",
         device=None,
         dtype=None,
     ) -> None:
         super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
-        self.config = SwitchBackConfig(weight_quant=weight_quant, mem_efficient=mem_efficient)
+        self.config = SwitchBackConfig(weight_quant=weight_quant, mem_efficient=mem_efficient, grad_weight=grad_weight)
         self._frozen_weight: FrozenInt8Weight | None = None
 
     def linear(self, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -71,5 +75,16 @@ class SwitchBackLinear(LowbitLinear):
     def extra_repr(self) -> str:
         return (
             f"{super().extra_repr()}, weight_quant={self.config.weight_quant!r}, "
-            f"mem_efficient={self.config.mem_efficient}"
+            f"mem_efficient={self.config.mem_efficient}, grad_weight={self.config.grad_weight!r}"
         )
+
+
+register_layer("switchback", SwitchBackLinear, "int8 forward and grad-input, tensor-wise weight (the paper's)")
+register_layer("switchback-row", SwitchBackLinear, "int8, row-wise weight (vectorwise)", weight_quant="row")
+register_layer(
+    "switchback-memeff", SwitchBackLinear, "int8, saves the int8 input for backward", mem_efficient=True
+)
+register_layer(
+    "llm-int8", SwitchBackLinear, "int8 in all three matmuls (the paper's LLM.int8() baseline)",
+    weight_quant="row", grad_weight="int8",
+)
