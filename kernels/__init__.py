@@ -1,12 +1,12 @@
-"""Triton kernels behind lowbit.ops: int8 quantization (row, column, tensor) and the int8 GEMM.
+"""Triton kernels behind lowbit.int8.ops: int8 quantization (row, column, tensor) and the int8 GEMM.
 
-Each launcher matches the torch twin of the same name in `lowbit.ops` bit for bit on the int8 values.
+Each launcher matches the torch twin of the same name in `lowbit.int8.ops` bit for bit on the int8 values.
 On CPU tensors they run under Triton's interpreter (TRITON_INTERPRET=1, set before importing triton).
 """
 
 try:
     import triton  # noqa: F401
-except ImportError as err:  # lowbit.ops imports this module only when the Triton backend is asked for
+except ImportError as err:  # lowbit.int8.ops imports this module only when the Triton backend is asked for
     raise ImportError(
         "lowbit.kernels needs Triton (Linux): `pip install triton`, or use lowbit's torch backend "
         "(LOWBIT_BACKEND=torch)."

@@ -1,4 +1,6 @@
-"""Checks and autocast handling shared by every lowbit linear: one place decides what a bad input is."""
+"""Checks, constants and autocast handling shared by every format and by the kernels: one place
+decides what a bad input is. Imports nothing but torch (the kernels import it without Triton's
+compiler, the formats without Triton)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,8 @@ import math
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# |sum of K products of int8 values in [-127, 127]| <= K * 127**2 must fit in int32.
+MAX_INNER_DIM = (2**31 - 1) // 127**2
 # What the layers take, as nn.Linear does. float64 is quantized by the same rule from its fp32
 # rounding (int8 / fp8 hold less than either), and its outputs and gradients are float64.
 LINEAR_DTYPES = (*FLOAT_DTYPES, torch.float64)

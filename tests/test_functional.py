@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import lowbit
-from lowbit.config import SwitchBackConfig
-from lowbit.functional import switchback_linear
+from lowbit.int8.config import SwitchBackConfig
+from lowbit.int8.functional import switchback_linear
 from tests.reference import dequantize_ref, quantize_ref, sqnr_db
 
 VARIANTS = {
@@ -233,7 +233,7 @@ def test_llm_int8_is_a_registered_swap_name_with_int8_grad_weight():
 
 def test_int8_grad_weight_is_chunked_over_tokens(monkeypatch):
     """Past MAX_INNER_DIM tokens the int32 sums could overflow: chunks, each with its own scales."""
-    from lowbit import functional
+    from lowbit.int8 import functional
 
     monkeypatch.setattr(functional, "GRAD_WEIGHT_CHUNK", 16)
     x, w, b, g = make(m=37)

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import lowbit
-from lowbit.config import SwitchBackConfig
-from lowbit.functional import switchback_linear
+from lowbit.int8.config import SwitchBackConfig
+from lowbit.int8.functional import switchback_linear
 from tests.reference import dequantize_ref, quantize_ref, sqnr_db
 
 pytestmark = pytest.mark.gpu

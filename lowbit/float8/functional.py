@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import torch
 
-from lowbit import fp8_ops
 from lowbit._inputs import (
     autocast_linear_inputs,
     autocast_off,
@@ -21,8 +20,9 @@ from lowbit._inputs import (
     quantizable,
     unflatten_output,
 )
-from lowbit.fp8_config import Float8Config
-from lowbit.fp8_ops import E4M3, E5M2
+from lowbit.float8 import ops as fp8_ops
+from lowbit.float8.config import Float8Config
+from lowbit.float8.ops import E4M3, E5M2
 
 __all__ = ["float8_linear"]
 

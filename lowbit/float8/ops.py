@@ -33,6 +33,7 @@ import functools
 
 import torch
 
+from lowbit._backend import get_backend
 from lowbit._inputs import check_float_matrix
 
 __all__ = [
@@ -205,7 +206,8 @@ def fp8_matmul_unavailable_reason(device: torch.device | str) -> str | None:
 
 
 def use_scaled_mm(simulate: bool | None, device: torch.device) -> bool:
-    """Whether the matmuls run on torch._scaled_mm: `simulate` None -> on CUDA GPUs that have fp8.
+    """Whether the matmuls run on torch._scaled_mm: `simulate` None -> on CUDA GPUs that have fp8,
+    unless the backend switch asks for the plain-torch reference (LOWBIT_BACKEND=torch).
 
     Raises:
         RuntimeError: simulate=False on a device without an fp8 matmul, with the fix.
@@ -213,6 +215,8 @@ def use_scaled_mm(simulate: bool | None, device: torch.device) -> bool:
     if simulate:
         return False
     if simulate is None:
+        if get_backend() == "torch":
+            return False
         return device.type == "cuda" and fp8_matmul_unavailable_reason(device) is None
     reason = fp8_matmul_unavailable_reason(device)
     if reason is not None:

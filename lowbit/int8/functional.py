@@ -16,7 +16,6 @@ import dataclasses
 
 import torch
 
-from lowbit import ops
 from lowbit._inputs import (
     autocast_linear_inputs,
     autocast_off,
@@ -26,7 +25,8 @@ from lowbit._inputs import (
     quantizable,
     unflatten_output,
 )
-from lowbit.config import SwitchBackConfig
+from lowbit.int8 import ops
+from lowbit.int8.config import SwitchBackConfig
 
 __all__ = ["switchback_linear", "FrozenInt8Weight"]
 

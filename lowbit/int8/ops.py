@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from lowbit._backend import use_triton
-from lowbit._inputs import FLOAT_DTYPES, check_float_matrix
+from lowbit._inputs import FLOAT_DTYPES, MAX_INNER_DIM, check_float_matrix
 
 __all__ = [
     "quantize_rowwise",
@@ -31,14 +31,12 @@ __all__ = [
     "MAX_INNER_DIM",
 ]
 
-# |sum of K products of int8 values in [-127, 127]| <= K * 127**2 must fit in int32.
-MAX_INNER_DIM = (2**31 - 1) // 127**2
 
 
 def _kernels():
     """The Triton launchers: called directly in eager mode, as custom ops under torch.compile."""
     if torch.compiler.is_compiling():
-        from lowbit import _compiled_ops
+        from lowbit.int8 import _compiled_ops
 
         return _compiled_ops
     from lowbit import kernels  # imported on first use: the package imports without Triton

@@ -1,4 +1,4 @@
-"""lowbit's layers: parameters and configuration only; the math lives in lowbit.functional."""
+"""lowbit's layers: parameters and configuration only; the math is in lowbit.int8 and lowbit.float8."""
 
 from lowbit.nn.attention import (
     LowbitMultiheadAttention,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.fp8_config import Float8Config
-from lowbit.fp8_functional import float8_linear
+from lowbit.float8.config import Float8Config
+from lowbit.float8.functional import float8_linear
 from lowbit.nn.base import LowbitLinear
 from lowbit.registry import register_layer
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.config import SwitchBackConfig
-from lowbit.functional import FrozenInt8Weight, switchback_linear
+from lowbit.int8.config import SwitchBackConfig
+from lowbit.int8.functional import FrozenInt8Weight, switchback_linear
 from lowbit.nn.base import LowbitLinear
 from lowbit.registry import register_layer
 
@@ -15,7 +15,7 @@ class SwitchBackLinear(LowbitLinear):
 
     Forward x @ w.T and grad_input g @ w run in int8 with row-wise x and g; the weight gradient
     runs in the input's dtype. On CUDA the int8 work runs in Triton kernels, elsewhere in a
-    plain-torch reference with the same numerics (see `lowbit.ops`).
+    plain-torch reference with the same numerics (see `lowbit.int8.ops`).
 
     Args:
         in_features, out_features, bias, device, dtype: as for nn.Linear.

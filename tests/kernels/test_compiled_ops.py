@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import lowbit
-from lowbit import _compiled_ops
+from lowbit.int8 import _compiled_ops
 from tests.kernels._utils import DEVICE, assert_bitwise_equal
 
 
