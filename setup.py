@@ -19,7 +19,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["lowbit", "lowbit.nn", "lowbit.optim", "lowbit.monitor", "lowbit.kernels"],
+    packages=["lowbit", "lowbit.int8", "lowbit.float8", "lowbit.nn", "lowbit.optim", "lowbit.monitor", "lowbit.kernels"],
     package_dir={"lowbit": "lowbit", "lowbit.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",

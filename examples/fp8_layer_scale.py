@@ -92,7 +92,7 @@ def train(args: argparse.Namespace, name: str, images: torch.Tensor, labels: tor
     swap_to, zero_ls = RUNS[name]
     model = make_model(args, zero_ls)
     if swap_to is not None:
-        lowbit.swap(model, swap_to, filter_fn=lambda module, qualified_name: True, simulate=True)
+        lowbit.swap(model, swap_to, filter_fn=lowbit.ALL, simulate=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=args.weight_decay)
 
     def lr_at(step: int) -> float:  # linear warmup, cosine decay

@@ -9,7 +9,7 @@ import lowbit
 from lowbit.nn import LowbitLinear, LowbitMultiheadAttention
 from tests.reference import sqnr_db
 
-SWAP_ALL = {"filter_fn": lambda module, name: True}
+SWAP_ALL = {"filter_fn": lowbit.ALL}
 
 
 class FloatLinear(LowbitLinear):

@@ -85,7 +85,7 @@ def test_eval_no_grad_sees_every_weight_write(write):
 def test_ema_copy_in_eval_follows_the_model():
     """timm's ModelEmaV2 writes the EMA weights through .data-style in-place ops under no_grad."""
     model = nn.Sequential(nn.Linear(40, 24))
-    lowbit.swap(model, filter_fn=lambda m, n: True)
+    lowbit.swap(model, filter_fn=lowbit.ALL)
     ema = copy.deepcopy(model).eval()
     x = torch.randn(9, 40)
     for _ in range(3):

@@ -268,7 +268,7 @@ def test_swap_and_unswap(name):
     keys = list(model.state_dict())
     params = {n: p for n, p in model.named_parameters()}
 
-    lowbit.swap(model, name, filter_fn=lambda m, n: True, simulate=True)
+    lowbit.swap(model, name, filter_fn=lowbit.ALL, simulate=True)
     assert isinstance(model.fc1, Float8Linear) and isinstance(model.attn, LowbitMultiheadAttention)
     assert isinstance(model.attn.out_proj, Float8Linear)
     assert model.fc1.config.recipe == name.removeprefix("fp8-")

@@ -142,9 +142,9 @@ def test_filter_fn_class_and_kwargs():
 
 def test_root_linear_and_idempotence():
     layer = nn.Linear(16, 8)
-    swapped = lowbit.swap(layer, filter_fn=lambda m, n: True)
+    swapped = lowbit.swap(layer, filter_fn=lowbit.ALL)
     assert isinstance(swapped, SwitchBackLinear) and swapped.weight is layer.weight
-    again = lowbit.swap(nn.Sequential(swapped), filter_fn=lambda m, n: True)
+    again = lowbit.swap(nn.Sequential(swapped), filter_fn=lowbit.ALL)
     assert again[0] is swapped  # already-swapped layers are left alone
     restored = lowbit.unswap(swapped)
     assert type(restored) is nn.Linear and restored.weight is layer.weight and restored.bias is layer.bias
@@ -167,7 +167,7 @@ def test_swapped_modules_do_not_keep_replaced_weights_alive(wrap):
         model[0].tag = "kept"
     else:
         model = nn.Sequential(nn.MultiheadAttention(16, 2))
-    lowbit.swap(model, filter_fn=lambda m, n: True)
+    lowbit.swap(model, filter_fn=lowbit.ALL)
     old = {name: weakref.ref(p) for name, p in model.named_parameters()}
     for module in model.modules():  # what fully_shard does, one Parameter at a time
         for name, param in list(module._parameters.items()):
