@@ -16,16 +16,19 @@ from torch.func import functional_call, grad, jacrev, stack_module_state, vmap
 
 import lowbit
 from lowbit.nn import Float8Linear, SwitchBackLinear
+from lowbit.registry import layer_spec
 
-VARIANTS = {
-    "switchback": lambda i, o, **kw: SwitchBackLinear(i, o, **kw),
-    "switchback-row": lambda i, o, **kw: SwitchBackLinear(i, o, weight_quant="row", **kw),
-    "switchback-memeff": lambda i, o, **kw: SwitchBackLinear(i, o, mem_efficient=True, **kw),
-    "fp8-tensorwise": lambda i, o, **kw: Float8Linear(i, o, recipe="tensorwise", simulate=True, **kw),
-    "fp8-switchback": lambda i, o, **kw: Float8Linear(i, o, recipe="switchback", simulate=True, **kw),
-}
+
+def _builder(name):
+    spec = layer_spec(name)
+    extra = {"simulate": True} if issubclass(spec.cls, Float8Linear) else {}  # the fp8 rule, on any device
+    return lambda i, o, **kw: spec.cls(i, o, **spec.build_kwargs(**extra, **kw))
+
+
+# Every registered layer name: a new format is tested here without being listed.
+VARIANTS = {name: _builder(name) for name in lowbit.layer_names()}
 # Forward SQNR floors at these small, random sizes (int8 ~40 dB, fp8 e4m3 ~30 dB).
-FLOOR_DB = {"switchback": 33, "switchback-row": 33, "switchback-memeff": 33, "fp8-tensorwise": 22, "fp8-switchback": 22}
+FLOOR_DB = {name: 22 if issubclass(layer_spec(name).cls, Float8Linear) else 33 for name in VARIANTS}
 
 
 def sqnr_db(ref: torch.Tensor, x: torch.Tensor) -> float:
@@ -142,7 +145,7 @@ def _second_order(layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, ...]
     return torch.autograd.grad(gx.square().sum(), [x, *layer.parameters()])
 
 
-@pytest.mark.parametrize("name", ["switchback", "switchback-row", "fp8-switchback"])
+@pytest.mark.parametrize("name", ["switchback", "switchback-row", "llm-int8", "fp8-switchback"])
 def test_double_backward_matches_nn_linear(name):
     layer = VARIANTS[name](40, 24)
     ref_layer = nn.Linear(40, 24).double()
