@@ -55,7 +55,8 @@ def _triton_op(name: str, settings: Settings):
 
 
 def _torch_ref_op(name: str, settings: Settings):
-    from lowbit.int8 import ops, use_backend
+    from lowbit import use_backend
+    from lowbit.int8 import ops
 
     op = getattr(ops, name)
 
@@ -91,7 +92,8 @@ def _quantize_shape(m: int, k: int, settings: Settings, rec: Recorder) -> None:
 
 
 def _matmul_shape(m: int, k: int, settings: Settings, rec: Recorder) -> None:
-    from lowbit.int8 import ops, use_backend
+    from lowbit import use_backend
+    from lowbit.int8 import ops
 
     case = "int8_matmul_dequant d->4d"
     n = 4 * k

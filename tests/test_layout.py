@@ -28,3 +28,20 @@ def test_the_package_imports_no_old_path():
     import lowbit  # noqa: F401
 
     assert not any(name in sys.modules and sys.modules[name].__name__ == name for name in OLD_TO_NEW)
+
+
+def test_the_repository_kernels_folder_never_shadows_a_kernels_package(tmp_path):
+    """With the repository root on sys.path, `import kernels` finds another package, or none."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    probe = "import kernels; print(kernels.WHO)"
+    missing = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True)
+    assert "ModuleNotFoundError: No module named 'kernels'" in missing.stderr
+    other = tmp_path / "site" / "kernels"
+    other.mkdir(parents=True)
+    (other / "__init__.py").write_text("WHO = 'the other one'\n")
+    env = {"PYTHONPATH": f"{root}{__import__('os').pathsep}{other.parent}"}
+    found = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, env=env)
+    assert found.stdout.strip() == "the other one", found.stderr
