@@ -348,3 +348,9 @@ def test_the_backend_switch_forces_the_fp8_simulation(monkeypatch):
     with lowbit.use_backend("torch"):
         assert not fp8_ops.use_scaled_mm(None, cuda)
         assert fp8_ops.use_scaled_mm(False, cuda)  # asked for by name
+
+
+def test_recipes_are_presets_over_per_operand_scaling():
+    tensorwise, switchback = Float8Config(recipe="tensorwise"), Float8Config(recipe="switchback")
+    assert (tensorwise.activation_scaling, tensorwise.weight_scaling, tensorwise.grad_weight) == ("tensor", "tensor", "fp8")
+    assert (switchback.activation_scaling, switchback.weight_scaling, switchback.grad_weight) == ("row", "tensor", "high")

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-RECIPES = ("tensorwise", "switchback")
+# recipe -> (activation and gradient scaling, grad_weight precision): presets over per-operand
+# scaling, in the vocabulary of SwitchBackConfig. The weight has one scale in both.
+RECIPE_PRESETS = {
+    "tensorwise": ("tensor", "fp8"),
+    "switchback": ("row", "high"),
+}
+RECIPES = tuple(RECIPE_PRESETS)
 
 
 @dataclass(frozen=True)
@@ -29,3 +35,17 @@ class Float8Config:
             raise ValueError(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
         if not (self.simulate is None or isinstance(self.simulate, bool)):
             raise ValueError(f"simulate must be None, True or False, got {self.simulate!r}")
+
+    @property
+    def activation_scaling(self) -> str:
+        """How x (forward) and grad_output (backward) are scaled: "tensor" or "row"."""
+        return RECIPE_PRESETS[self.recipe][0]
+
+    @property
+    def weight_scaling(self) -> str:
+        return "tensor"
+
+    @property
+    def grad_weight(self) -> str:
+        """The precision of g.T @ x: "fp8" or "high" (the input's dtype)."""
+        return RECIPE_PRESETS[self.recipe][1]

@@ -31,7 +31,7 @@ _DEFAULT_CONFIG = Float8Config()
 
 def _output(x, weight, bias, config: Float8Config, scaled_mm: bool, input_fp8: torch.dtype):
     """out = x @ w.T + bias with x in `input_fp8` and w in e4m3; also returns x's fp8 copy and scale."""
-    x_fp8, x_scale_inv = fp8_ops.to_float8(quantizable(x), input_fp8, rowwise=config.recipe == "switchback")
+    x_fp8, x_scale_inv = fp8_ops.to_float8(quantizable(x), input_fp8, rowwise=config.activation_scaling == "row")
     w_fp8, w_scale_inv = fp8_ops.to_float8(quantizable(weight), E4M3, rowwise=False)
     out = fp8_ops.float8_mm(
         x_fp8, x_scale_inv, w_fp8, w_scale_inv, bias=bias, out_dtype=matmul_dtype(x.dtype), scaled_mm=scaled_mm
@@ -68,7 +68,7 @@ class _Float8Matmul(torch.autograd.Function):
         # copy (a quarter of fp32's memory), "switchback" keeps x itself (its grad_weight is high precision).
         if not ctx.needs_input_grad[1]:
             ctx.save_for_backward(weight)
-        elif config.recipe == "tensorwise":
+        elif config.grad_weight == "fp8":
             ctx.save_for_backward(weight, x_fp8, x_scale_inv)
         else:
             ctx.save_for_backward(weight, input)
@@ -78,7 +78,6 @@ class _Float8Matmul(torch.autograd.Function):
         weight, *saved_x = ctx.saved_tensors
         g = flatten_rows(grad_output)
         config, scaled_mm = ctx.config, ctx.scaled_mm
-        tensorwise = config.recipe == "tensorwise"
         grad_input = grad_weight = grad_bias = None
 
         # grad_input (M, K) = g (M, N) @ w (N, K): g e5m2 (per tensor or per row), w e4m3 per tensor.
@@ -88,7 +87,7 @@ class _Float8Matmul(torch.autograd.Function):
 
         # grad_weight (N, K) = g.T (N, M) @ x (M, K): fp8 for "tensorwise", the input's dtype for "switchback".
         if ctx.needs_input_grad[1]:
-            if tensorwise:
+            if config.grad_weight == "fp8":
                 if torch.is_grad_enabled() and ctx.needs_input_grad[0]:
                     raise RuntimeError(
                         "fp8-tensorwise keeps only the fp8 copy of the input, so its weight gradient has "
@@ -113,7 +112,7 @@ class _Float8Matmul(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, input, weight, bias, config, scaled_mm, input_fp8):
         input_dim, weight_dim, bias_dim = in_dims[:3]
-        if weight_dim is None and bias_dim is None and config.recipe == "switchback":
+        if weight_dim is None and bias_dim is None and config.activation_scaling == "row":
             # Rows are scaled one by one, so a batch of inputs is just more rows: one call.
             out, x_fp8, x_scale_inv = _Float8Matmul.apply(
                 input.movedim(input_dim, 0), weight, bias, config, scaled_mm, input_fp8
