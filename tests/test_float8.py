@@ -351,6 +351,8 @@ def test_the_backend_switch_forces_the_fp8_simulation(monkeypatch):
 
 
 def test_recipes_are_presets_over_per_operand_scaling():
-    tensorwise, switchback = Float8Config(recipe="tensorwise"), Float8Config(recipe="switchback")
-    assert (tensorwise.activation_scaling, tensorwise.weight_scaling, tensorwise.grad_weight) == ("tensor", "tensor", "fp8")
-    assert (switchback.activation_scaling, switchback.weight_scaling, switchback.grad_weight) == ("row", "tensor", "high")
+    def operands(config):
+        return config.activation_scaling, config.weight_scaling, config.grad_weight
+
+    assert operands(Float8Config(recipe="tensorwise")) == ("tensor", "tensor", "fp8")
+    assert operands(Float8Config(recipe="switchback")) == ("row", "tensor", "high")
