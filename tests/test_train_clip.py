@@ -120,8 +120,8 @@ def test_csv_errors(tmp_path: Path, image_csv: Path):
     # A comma file read with the default tab separator: one column, named in the message.
     with pytest.raises(ValueError, match="no column 'filepath'.*--csv-separator"):
         clip_data.CsvDataset(_write(tmp_path / "c.csv", "filepath,title\na.png,x\n"), _transform)
-    # The script surfaces the same errors.
-    with pytest.raises(FileNotFoundError, match="no such file"):
+    # The script surfaces the same errors, as a UsageError (one line and exit status 2 from the command line).
+    with pytest.raises(train_clip.UsageError, match="no such file"):
         train_clip.main(["--train-data", str(tmp_path / "missing.tsv"), "--out", str(tmp_path / "run"), *TINY])
 
 
