@@ -143,7 +143,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument(
         "--model", default="lowbit-tiny", help="an open_clip model name (random init, no download) or lowbit-tiny"
     )
-    g.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    g.add_argument("--precision", default="fp32", choices=PRECISIONS, help="how the linear layers compute")
     g.add_argument(
         "--swap-all",
         action="store_true",
@@ -157,23 +157,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g.add_argument("--ls-init", action="store_true", help="zero-init layer-scale in every residual branch")
     g = p.add_argument_group("optimization")
-    g.add_argument("--optimizer", default="stableadamw", choices=("adamw", "stableadamw"))
+    g.add_argument(
+        "--optimizer", default="stableadamw", choices=("adamw", "stableadamw"), help="lowbit's StableAdamW or AdamW"
+    )
     g.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
     g.add_argument("--wd", type=float, default=0.1, help="decoupled weight decay (not on gains, biases, logit_scale)")
-    g.add_argument("--beta1", type=float, default=0.9)
-    g.add_argument("--beta2", type=float, default=0.98)
-    g.add_argument("--eps", type=float, default=1e-6)
+    g.add_argument("--beta1", type=float, default=0.9, help="Adam's first-moment decay")
+    g.add_argument("--beta2", type=float, default=0.98, help="Adam's second-moment decay")
+    g.add_argument("--eps", type=float, default=1e-6, help="Adam's epsilon")
     g.add_argument("--warmup", type=int, default=30, help="linear warmup steps, then cosine decay to 0")
     g.add_argument("--batch-size", type=int, default=128, help="per process")
-    g.add_argument("--steps", type=int, default=300)
+    g.add_argument("--steps", type=int, default=300, help="optimizer steps (the cosine schedule's length)")
     g.add_argument("--grad-clip", type=float, default=0.0, help="max global gradient norm (0: off)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="model initialization and data order")
     g = p.add_argument_group("data")
     g.add_argument("--train-data", default="synthetic", help="CSV/TSV file, .tar shards, or 'synthetic'")
-    g.add_argument("--dataset-type", default="auto", choices=("auto", "csv", "webdataset", "synthetic"))
-    g.add_argument("--csv-separator", default="\t")
-    g.add_argument("--csv-img-key", default="filepath")
-    g.add_argument("--csv-caption-key", default="title")
+    g.add_argument(
+        "--dataset-type", default="auto", choices=("auto", "csv", "webdataset", "synthetic"), help="auto: from the name"
+    )
+    g.add_argument("--csv-separator", default="\t", help="the CSV's column separator")
+    g.add_argument("--csv-img-key", default="filepath", help="the column of image paths")
+    g.add_argument("--csv-caption-key", default="title", help="the column of captions")
     g.add_argument("--val-data", help="held-out pairs for retrieval (same format as --train-data)")
     g.add_argument("--val-size", type=int, default=500, help="held-out pairs used for retrieval")
     g.add_argument("--synthetic-size", type=int, default=50_000, help="training samples of the synthetic set")
@@ -197,12 +201,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     g.add_argument("--zeroshot-samples", type=int, default=600, help="synthetic zero-shot images (20 per class)")
     g.add_argument("--eval-every", type=int, default=0, help="also evaluate every this many steps (0: at the end)")
-    g.add_argument("--eval-batch-size", type=int, default=250)
+    g.add_argument("--eval-batch-size", type=int, default=250, help="images per evaluation batch")
     g = p.add_argument_group("monitoring, output and checkpoints")
     g.add_argument("--out", default="runs/clip", help="output folder")
     g.add_argument("--overwrite", action="store_true", help="replace the run already in --out (refused without it)")
     g.add_argument("--no-monitor", dest="monitor", action="store_false", help="turn the SpikeMonitor off (it is on)")
-    g.add_argument("--monitor-action", default="log", choices=("log", "skip", "rollback"))
+    g.add_argument(
+        "--monitor-action", default="log", choices=("log", "skip", "rollback"), help="what a loss spike triggers"
+    )
     g.add_argument("--log-every", type=int, default=10, help="print / progress-bar interval")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="plain prints instead of a tqdm bar")
     g.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="no tb/ event files")
@@ -210,7 +216,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g.add_argument("--save-every", type=int, default=100, help="checkpoint every this many steps (0: only at the end)")
     g.add_argument("--keep-checkpoints", action="store_true", help="also keep checkpoint-<step>.pt files")
     g.add_argument("--resume", help="a checkpoint, or 'auto' for OUT/checkpoint.pt if it exists")
-    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="auto: CUDA if torch sees it")
     g.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's choice)")
     return p.parse_args(argv)
 
@@ -763,7 +769,7 @@ def setup(args: argparse.Namespace, argv: list[str]) -> tuple[Run, dict | None]:
 
 
 def start(run: Run, ckpt: dict | None) -> None:
-    """Processes, the run folder, the optimizer, the resumed state, the monitor and the logs."""
+    """Processes, the run folder, the optimizer; then the resumed state and the logs."""
     args, model = run.args, run.model
     if run.use_cuda:
         torch.cuda.set_device(run.device)
@@ -800,21 +806,31 @@ def start(run: Run, ckpt: dict | None) -> None:
         run.optimizer, functools.partial(warmup_cosine, warmup=args.warmup, steps=args.steps)
     )
 
-    # Resume: model, optimizer, schedule, RNGs, the data position (the step) and the SpikeMonitor.
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        run.optimizer.load_state_dict(ckpt["optimizer"])
-        run.scheduler.load_state_dict(ckpt["scheduler"])
-        set_rng_state(ckpt["rng"][run.rank])
-        run.start_step, run.log, run.events, run.stats = ckpt["step"], ckpt["log"], ckpt["events"], ckpt["stats"]
-        run.last_save = run.start_step
-        path = run.out / "checkpoint.pt" if args.resume == "auto" else args.resume
-        run.say(f"resumed from {path} at step {run.start_step}")
-    else:
+    resume(run, ckpt)
+    open_logs(run, ckpt.get("monitor") if ckpt is not None else None)
+
+
+def resume(run: Run, ckpt: dict | None) -> None:
+    """The checkpoint's model, optimizer, schedule, RNGs, data position (the step) and logs."""
+    args = run.args
+    if ckpt is None:
         if args.resume == "auto":
             run.say(f"--resume auto: no checkpoint in {run.out}; starting a new run")
         seed_everything(args.seed + run.rank)  # per-rank augmentation noise; the model is already built
+        return
+    run.model.load_state_dict(ckpt["model"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    run.scheduler.load_state_dict(ckpt["scheduler"])
+    set_rng_state(ckpt["rng"][run.rank])
+    run.start_step, run.log, run.events, run.stats = ckpt["step"], ckpt["log"], ckpt["events"], ckpt["stats"]
+    run.last_save = run.start_step
+    path = run.out / "checkpoint.pt" if args.resume == "auto" else args.resume
+    run.say(f"resumed from {path} at step {run.start_step}")
 
+
+def open_logs(run: Run, monitor_state: dict | None) -> None:
+    """TensorBoard, the SpikeMonitor (continuing its state on resume) and log.jsonl."""
+    args = run.args
     # Monitoring: every rank judges the same (all-reduced) gradients, so skip / rollback agree;
     # rank 0 writes. A resumed monitor continues its detection windows and appends to monitor.jsonl
     # (dropping lines past the checkpoint); "rollback" then starts from a snapshot of the resumed state.
@@ -828,10 +844,9 @@ def start(run: Run, ckpt: dict | None) -> None:
             run.tb_writer = SummaryWriter(str(run.out / "tb"), purge_step=purge)
         except ImportError:
             run.say("tensorboard not installed: logging to log.jsonl only")
-    monitor_state = ckpt.get("monitor") if ckpt is not None else None
     if args.monitor:
         run.monitor = lowbit.SpikeMonitor(
-            model,
+            run.model,
             run.optimizer,
             action=args.monitor_action,
             jsonl=run.out / "monitor.jsonl" if run.is_main else None,
@@ -996,7 +1011,9 @@ def interrupt_message(run: Run, steps_done: int) -> str:
         i = argv.index("--resume")
         del argv[i : i + 2]
     argv = [a for a in argv if not a.startswith("--resume=")]
-    command = shlex.join([sys.executable, sys.argv[0] or "examples/train_clip.py", *argv, "--resume", "auto"])
+    script = os.path.relpath(os.path.abspath(__file__))
+    launcher = ["torchrun", f"--nproc_per_node={run.world_size}"] if run.distributed else [sys.executable]
+    command = shlex.join([*launcher, script, *argv, "--resume", "auto"])
     return (
         f"interrupted at step {steps_done}; the last checkpoint is {run.out / 'checkpoint.pt'} (step {run.last_save}); "
         f"resume with: {command}"
@@ -1063,13 +1080,14 @@ def finish(run: Run) -> dict | None:
     return summary
 
 
-def close(run: Run) -> None:
+def close(run: Run, *, finished: bool = True) -> None:
     if run.monitor is not None:
         run.monitor.close()
     if run.tb_writer is not None:
         run.tb_writer.close()
     if run.distributed and dist.is_initialized():
-        dist.barrier()
+        if finished:  # after an error another rank may never reach the barrier
+            dist.barrier()
         dist.destroy_process_group()
 
 
@@ -1086,8 +1104,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     except BaseException:
         if run.log_file is not None:
             run.log_file.close()
-        if run.monitor is not None:
-            run.monitor.close()
+        close(run, finished=False)
         raise
     return finish(run)
 
