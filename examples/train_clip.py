@@ -709,6 +709,7 @@ class Run:
     stats: dict = field(default_factory=lambda: {"skipped_images": 0, "train_time": 0.0})
     evals: list = field(default_factory=list)
     last_save: int = 0
+    last_checkpoint: Path | None = None
     t_start: float = field(default_factory=time.time)
 
     @property
@@ -734,6 +735,8 @@ def setup(args: argparse.Namespace, argv: list[str]) -> tuple[Run, dict | None]:
     run = Run(args, argv, Path(args.out), rank, world_size, device, use_cuda, is_main=rank == 0)
     if ckpt is not None:
         check_resume_config(ckpt, args, world_size, resume)
+        run.last_save = run.start_step = ckpt["step"]
+        run.last_checkpoint = resume
 
     # Model: the same initialization on every rank (DDP also broadcasts rank 0's at wrapping).
     seed_everything(args.seed)
@@ -822,8 +825,7 @@ def resume(run: Run, ckpt: dict | None) -> None:
     run.optimizer.load_state_dict(ckpt["optimizer"])
     run.scheduler.load_state_dict(ckpt["scheduler"])
     set_rng_state(ckpt["rng"][run.rank])
-    run.start_step, run.log, run.events, run.stats = ckpt["step"], ckpt["log"], ckpt["events"], ckpt["stats"]
-    run.last_save = run.start_step
+    run.log, run.events, run.stats = ckpt["log"], ckpt["events"], ckpt["stats"]
     path = run.out / "checkpoint.pt" if args.resume == "auto" else args.resume
     run.say(f"resumed from {path} at step {run.start_step}")
 
@@ -940,8 +942,6 @@ def train(run: Run) -> None:
                     dist.barrier()
             if (args.save_every and (step + 1) % args.save_every == 0) or step + 1 == args.steps:
                 save_checkpoint(run, step + 1)
-    except KeyboardInterrupt:
-        raise Interrupted(interrupt_message(run, len(run.log))) from None
     finally:
         if progress is not None:
             progress.close()
@@ -997,25 +997,28 @@ def save_checkpoint(run: Run, step: int) -> None:
         atomic_save(checkpoint, run.out / "checkpoint.pt")
         if run.args.keep_checkpoints:
             atomic_save(checkpoint, run.out / f"checkpoint-{step:06d}.pt")
-    run.last_save = step
+    run.last_save, run.last_checkpoint = step, run.out / "checkpoint.pt"
 
 
-def interrupt_message(run: Run, steps_done: int) -> str:
-    if not run.last_save:
+def interrupt_message(run: Run) -> str:
+    steps_done = run.log[-1]["step"] if run.log else run.start_step
+    if run.last_checkpoint is None:
         return (
             f"interrupted at step {steps_done}, before the first checkpoint (--save-every {run.args.save_every}): "
-            f"nothing to resume; start again with --overwrite"
+            "nothing to resume; start again with --overwrite"
         )
-    argv = [a for a in run.argv if a != "--overwrite"]
+    argv = [a for a in run.argv if a != "--overwrite" and not a.startswith("--resume=")]
     if "--resume" in argv:
         i = argv.index("--resume")
         del argv[i : i + 2]
-    argv = [a for a in argv if not a.startswith("--resume=")]
-    script = os.path.relpath(os.path.abspath(__file__))
+    auto = run.last_checkpoint == run.out / "checkpoint.pt"
+    script = Path(__file__).resolve()
+    if sys.argv[0] and Path(sys.argv[0]).resolve() == script:
+        script = sys.argv[0]  # as the user typed it
     launcher = ["torchrun", f"--nproc_per_node={run.world_size}"] if run.distributed else [sys.executable]
-    command = shlex.join([*launcher, script, *argv, "--resume", "auto"])
+    command = shlex.join([*launcher, str(script), *argv, "--resume", "auto" if auto else str(run.last_checkpoint)])
     return (
-        f"interrupted at step {steps_done}; the last checkpoint is {run.out / 'checkpoint.pt'} (step {run.last_save}); "
+        f"interrupted at step {steps_done}; the last checkpoint is {run.last_checkpoint} (step {run.last_save}); "
         f"resume with: {command}"
     )
 
@@ -1097,14 +1100,16 @@ def main(argv: list[str] | None = None) -> dict | None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     run, ckpt = setup(args, argv)
-    start(run, ckpt)
-    del ckpt
     try:
+        start(run, ckpt)
+        del ckpt
         train(run)
-    except BaseException:
+    except BaseException as err:
         if run.log_file is not None:
             run.log_file.close()
         close(run, finished=False)
+        if isinstance(err, KeyboardInterrupt):
+            raise Interrupted(interrupt_message(run)) from None
         raise
     return finish(run)
 

@@ -275,6 +275,11 @@ def test_sigint_says_where_the_checkpoint_is_and_how_to_resume(tmp_path: Path, m
     command = shlex.split(err.split("resume with: ")[1])
     assert command[-2:] == ["--resume", "auto"]
     monkeypatch.undo()
+    # Interrupted again while resuming, before any step: the same checkpoint, the same advice.
+    monkeypatch.setattr(train_clip, "open_logs", lambda run, state: (_ for _ in ()).throw(KeyboardInterrupt))
+    assert train_clip.cli(command[2:]) == 130
+    assert f"the last checkpoint is {out / 'checkpoint.pt'} (step 2); resume with:" in capsys.readouterr().err
+    monkeypatch.undo()
     assert train_clip.main(command[2:])["steps"] == 4  # the printed command continues the run
 
 
