@@ -350,7 +350,6 @@ def set_rng_state(state: dict) -> None:
     random.setstate((p["version"], tuple(int(x) for x in p["state"].tolist()), p["gauss"]))
 
 
-
 # -- the run folder and its files ----------------------------------------------------------------------
 
 
@@ -374,7 +373,8 @@ def atomic_write(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
         if isinstance(err, (OSError, RuntimeError)):
             full = getattr(err, "errno", None) == errno.ENOSPC or free <= max(written, 1 << 20)
-            cause = f"no space left on the device ({free / 2**20:.0f} MiB free)" if full else f"{err}"
+            first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            cause = f"no space left on the device ({free / 2**20:.0f} MiB free)" if full else first_line
             kept = f"{path.name} keeps its last good version" if path.exists() else f"no {path.name} was written"
             raise StopRun(f"could not write {path}: {cause}; {kept}") from err
         raise
@@ -441,9 +441,7 @@ def check_out(args: argparse.Namespace) -> Path | None:
             f"{', ...' if len(existing) > 4 else ''}): continue it with --resume auto, replace it with "
             "--overwrite, or choose another --out"
         )
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
+    probe = existing_parent(out)
     if not os.access(probe, os.W_OK | os.X_OK):
         raise UsageError(f"--out {out}: {probe} is not writable")
     return resume
@@ -509,13 +507,17 @@ def check_resume_config(ckpt: dict, args: argparse.Namespace, world_size: int, p
         raise UsageError(f"--resume {path}: the checkpoint has no SpikeMonitor state; resume with --no-monitor")
 
 
-def check_free_space(out: Path, model: nn.Module, args: argparse.Namespace) -> None:
+def existing_parent(path: Path) -> Path:
+    """`path`, or its nearest folder that exists (where it would be created)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def check_free_space(out: Path, model: nn.Module) -> None:
     """Room for one more checkpoint (model + two Adam moments, fp32) beside the last one."""
     need = 3 * sum(p.numel() * p.element_size() for p in model.parameters()) + (8 << 20)
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    free = shutil.disk_usage(probe).free
+    free = shutil.disk_usage(existing_parent(out)).free
     if free < need:
         raise UsageError(
             f"--out {out}: {free / 2**20:.0f} MiB free, a checkpoint needs about {need / 2**20:.0f} MiB; "
@@ -767,7 +769,7 @@ def setup(args: argparse.Namespace, argv: list[str]) -> tuple[Run, dict | None]:
             args=args, transform=eval_transform, split="val", size=args.val_size,
         )  # fmt: skip
         run.val_set = torch.utils.data.Subset(val_set, range(min(args.val_size, len(val_set))))
-    check_free_space(run.out, model, args)
+    check_free_space(run.out, model)
     return run, ckpt
 
 
