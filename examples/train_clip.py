@@ -724,8 +724,8 @@ class Run:
 
 
 def setup(args: argparse.Namespace, argv: list[str]) -> tuple[Run, dict | None]:
-    """Checks every flag, path and input, then builds the model, data and optimizer; writes nothing
-    into --out until all checks have passed. Returns the run and the checkpoint to resume from."""
+    """Checks every flag, path and input and builds the model and the data sets; writes nothing into
+    --out (all checks come first). Returns the run and the checkpoint to resume from."""
     check_args(args)
     resume = check_out(args)
     ckpt = load_checkpoint(resume) if resume is not None else None
@@ -1106,6 +1106,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         start(run, ckpt)
         del ckpt
         train(run)
+        return finish(run)
     except BaseException as err:
         if run.log_file is not None:
             run.log_file.close()
@@ -1113,7 +1114,6 @@ def main(argv: list[str] | None = None) -> dict | None:
         if isinstance(err, KeyboardInterrupt):
             raise Interrupted(interrupt_message(run)) from None
         raise
-    return finish(run)
 
 
 def cli(argv: list[str] | None = None) -> int:

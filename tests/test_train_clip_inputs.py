@@ -289,6 +289,13 @@ def test_sigint_before_the_first_checkpoint_says_nothing_to_resume(tmp_path: Pat
     assert "before the first checkpoint (--save-every 5): nothing to resume" in capsys.readouterr().err
 
 
+def test_sigint_during_the_final_evaluation_points_at_the_final_checkpoint(tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.setattr(train_clip, "evaluate", lambda run, step: (_ for _ in ()).throw(KeyboardInterrupt))
+    out = tmp_path / "run"
+    assert train_clip.cli([*TINY, "--out", str(out)]) == 130
+    assert f"interrupted at step 2; the last checkpoint is {out / 'checkpoint.pt'} (step 2)" in capsys.readouterr().err
+
+
 def test_interrupted_save_leaves_no_tmp(tmp_path: Path, monkeypatch):
     out = tmp_path / "run"
     _failing_save(monkeypatch, 2, KeyboardInterrupt())
