@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from torch import nn
 
+from lowbit.adapters import find_adapter, is_adapted
 from lowbit.nn.attention import LowbitMultiheadAttention, can_wrap
 from lowbit.nn.base import LowbitLinear
 
@@ -40,6 +41,8 @@ def default_filter(module: nn.Module, name: str) -> bool:
     """
     if isinstance(module, nn.MultiheadAttention):
         return module.embed_dim >= MIN_FEATURES
+    if (adapter := find_adapter(module)) is not None:
+        return adapter.default_keep(module, MIN_FEATURES)
     return min(module.in_features, module.out_features) >= MIN_FEATURES
 
 
@@ -60,12 +63,16 @@ def _resolve(to: str | type[LowbitLinear], layer_kwargs: dict) -> tuple[type[Low
 
 
 def _swap_one(module: nn.Module, cls: type[LowbitLinear], kwargs: dict) -> nn.Module:
+    if (adapter := find_adapter(module)) is not None:
+        return adapter.convert(module, cls, kwargs)
     if isinstance(module, nn.MultiheadAttention):
         return LowbitMultiheadAttention.from_mha(module, cls, **kwargs)
     return cls.from_linear(module, **kwargs)
 
 
 def _is_candidate(module: nn.Module) -> bool:
+    if find_adapter(module) is not None:
+        return True
     if isinstance(module, nn.MultiheadAttention):
         return can_wrap(module)
     return isinstance(module, nn.Linear) and not isinstance(module, LowbitLinear)
@@ -96,7 +103,9 @@ def swap(
     cls, kwargs = _resolve(to, layer_kwargs)
     keep = filter_fn or default_filter
     if _is_candidate(model) and keep(model, ""):
-        return _swap_one(model, cls, kwargs)
+        swapped = _swap_one(model, cls, kwargs)
+        if swapped is not model:  # a replaced layer; adapters convert in place and go on to the children
+            return swapped
     for parent_name, parent in list(model.named_modules()):
         if isinstance(parent, (nn.MultiheadAttention, LowbitMultiheadAttention)):
             continue  # their projections are swapped as part of the attention module
@@ -112,8 +121,10 @@ def unswap(model: nn.Module) -> nn.Module:
     Parameters trained since. Returns `model`, or the restored layer if `model` is a swapped layer."""
     if isinstance(model, (LowbitLinear, LowbitMultiheadAttention)):
         return model.to_original()
+    if is_adapted(model):
+        model.to_original()  # in place; its children are restored below
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
-            if isinstance(child, (LowbitLinear, LowbitMultiheadAttention)):
+            if isinstance(child, (LowbitLinear, LowbitMultiheadAttention)) or is_adapted(child):
                 setattr(parent, child_name, child.to_original())
     return model
