@@ -11,6 +11,7 @@ from collections.abc import Callable
 from torch import nn
 
 from lowbit.adapters import find_adapter, is_adapted
+from lowbit.first_call_check import warn_on_first_call
 from lowbit.nn.attention import LowbitMultiheadAttention, can_wrap
 from lowbit.nn.base import LowbitLinear
 
@@ -113,6 +114,7 @@ def swap(
             name = f"{parent_name}.{child_name}" if parent_name else child_name
             if _is_candidate(child) and keep(child, name):
                 setattr(parent, child_name, _swap_one(child, cls, kwargs))
+    warn_on_first_call(model)
     return model
 
 

@@ -2,6 +2,8 @@
 coverage / first-call warning for a weight read around a swapped layer's forward."""
 
 import math
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -108,6 +110,11 @@ def test_a_weight_read_around_its_layer_is_reported():
     torch.manual_seed(0)
     model = swap_all(ReadsChildWeight())
     x = torch.randn(4, 32)
+    with pytest.warns(UserWarning, match=r"1 of 2 swapped layers.*\(inner\)"):
+        model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(x)  # once only
     report = lowbit.coverage(model, x)
     by_name = {layer.name: layer for layer in report.layers}
     assert not by_name["inner.weight"].ran and by_name["inner.weight"].format == "float32"
