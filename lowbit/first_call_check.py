@@ -3,7 +3,8 @@ model's first call, i.e. whose weight the model reads directly (F.linear(x, laye
 which the call did not use at all. Either way their FLOPs did not run in low precision.
 
 Cost: one forward pre-hook per swapped layer and a hook on the model, removed after the first
-completed call of the model's forward; nothing is traced. `lowbit.coverage(model, inputs)` gives
+completed eager call of the model's forward (under torch.compile they do nothing); nothing is
+traced. `lowbit.coverage(model, inputs)` gives
 the exact picture (every matmul against a weight, whoever calls it).
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 import warnings
 
+import torch
 from torch import nn
 
 logger = logging.getLogger("lowbit.swap")
@@ -38,7 +40,8 @@ def warn_on_first_call(model: nn.Module) -> None:
 
     def mark(name):
         def hook(module, args):
-            ran.add(name)
+            if not torch.compiler.is_compiling():  # compiled graphs trace no bookkeeping
+                ran.add(name)
 
         return hook
 
@@ -46,6 +49,8 @@ def warn_on_first_call(model: nn.Module) -> None:
         handles.append(layer.register_forward_pre_hook(mark(name)))
 
     def report(module, args, output):
+        if torch.compiler.is_compiling():
+            return
         for handle in handles:
             handle.remove()
         skipped = [name for name in layers if name not in ran]

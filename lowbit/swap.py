@@ -81,7 +81,7 @@ def _is_candidate(module: nn.Module) -> bool:
 
 def swap(
     model: nn.Module,
-    to: str | type[LowbitLinear] = "switchback",
+    to: str | type[LowbitLinear] = "switchback-row",
     *,
     filter_fn: FilterFn | None = None,
     **layer_kwargs,
@@ -90,8 +90,11 @@ def swap(
 
     Args:
         model: any nn.Module (open_clip and timm ViTs included).
-        to: a LowbitLinear subclass, or one of "switchback", "switchback-row", "switchback-memeff",
-            "fp8-tensorwise", "fp8-switchback".
+        to: a LowbitLinear subclass, or one of "switchback-row" (the default: int8 weight scaled
+            per output row in the forward, per input column in grad_input), "switchback" (the
+            paper's tensor-wise weight), "switchback-memeff", "fp8-tensorwise", "fp8-switchback".
+            Row-wise is the default because one outlier weight costs a tensor-wise layer its whole
+            precision (README, "Default recipe").
         filter_fn: `filter_fn(module, qualified_name) -> bool` picks the layers to swap;
             `default_filter` (layers at least MIN_FEATURES wide) when None.
         **layer_kwargs: options for the layer class (e.g. weight_quant="row").
