@@ -6,6 +6,7 @@ training for large-scale vision-language models" (2023).
 """
 
 from lowbit._backend import get_backend, use_backend
+from lowbit.coverage_report import CoverageReport, coverage
 from lowbit.layer_scale import add_layer_scale, zero_init_layer_scale
 from lowbit.monitor import SpikeMonitor
 from lowbit.nn import Float8Linear, SwitchBackLinear
@@ -29,6 +30,8 @@ __all__ = [
     "layer_names",
     "register_layer",
     "unswap",
+    "coverage",
+    "CoverageReport",
     "get_backend",
     "use_backend",
 ]

@@ -17,6 +17,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from lowbit.adapters import find_adapter, is_adapted
+from lowbit.first_call_check import warn_on_first_call
 from lowbit.nn.attention import (
     LowbitMultiheadAttention,
     no_fast_path_class,
@@ -48,6 +50,8 @@ def default_filter(module: nn.Module, name: str) -> bool:
     """
     if isinstance(module, nn.MultiheadAttention):
         return module.embed_dim >= MIN_FEATURES
+    if (adapter := find_adapter(module)) is not None:
+        return adapter.default_keep(module, MIN_FEATURES)
     return min(module.in_features, module.out_features) >= MIN_FEATURES
 
 
@@ -66,7 +70,7 @@ def _resolve(to: str | type[LowbitLinear], layer_kwargs: dict) -> tuple[type[Low
 
 
 def _is_candidate(module: nn.Module) -> bool:
-    return isinstance(module, (nn.Linear, nn.MultiheadAttention))
+    return isinstance(module, (nn.Linear, nn.MultiheadAttention)) or find_adapter(module) is not None
 
 
 def _same_layer(a: LowbitLinear, b: LowbitLinear) -> bool:
@@ -75,6 +79,14 @@ def _same_layer(a: LowbitLinear, b: LowbitLinear) -> bool:
 
 def _convert(module: nn.Module, cls: type[LowbitLinear], kwargs: dict) -> tuple[nn.Module, str]:
     """(the module to put in place, what happened: "swapped", "retargeted" or "already")."""
+    if (adapter := find_adapter(module)) is not None:  # converted in place, under a subclass
+        if not is_adapted(module):
+            return adapter.convert(module, cls, kwargs), "swapped"
+        engine = module.__dict__.get("_lowbit_engine")
+        target = cls(1, 1, False, device="meta", **kwargs)
+        if engine is not None and _same_layer(target, engine):
+            return module, "already"
+        return adapter.convert(module.to_original(), cls, kwargs), "retargeted"
     if isinstance(module, LowbitMultiheadAttention):
         target = cls.from_linear(module.out_proj.to_original(), **kwargs)
         if _same_layer(target, module.out_proj):
@@ -129,7 +141,7 @@ def _log_summary(to, counts: Counter, left: Counter, scripted: list[str]) -> Non
 
 def swap(
     model: nn.Module,
-    to: str | type[LowbitLinear] = "switchback",
+    to: str | type[LowbitLinear] = "switchback-row",
     *,
     filter_fn: FilterFn | None = None,
     **layer_kwargs,
@@ -139,8 +151,11 @@ def swap(
     Args:
         model: any nn.Module (open_clip and timm ViTs, nn.Transformer* included); not a TorchScript
             module (swap first, then script).
-        to: a LowbitLinear subclass, or a registered name (`lowbit.layer_names()`: "switchback",
-            "switchback-row", "switchback-memeff", "llm-int8", "fp8-tensorwise", "fp8-switchback").
+        to: a LowbitLinear subclass, or a registered name (`lowbit.layer_names()`): "switchback-row"
+            (the default: int8 weight scaled per output row in the forward, per input column in
+            grad_input), "switchback" (the paper's tensor-wise weight), "switchback-memeff",
+            "llm-int8", "fp8-tensorwise", "fp8-switchback". Row-wise is the default because one
+            outlier weight costs a tensor-wise layer its whole precision (README, "Default recipe").
             Layers already swapped to another format are re-targeted to this one.
         filter_fn: `filter_fn(module, qualified_name) -> bool` picks the layers to swap;
             `default_filter` (layers at least MIN_FEATURES wide) when None, `lowbit.ALL` for all.
@@ -168,19 +183,24 @@ def swap(
             scripted.append(name or "<model>")
             return module
         if _is_candidate(module):
+            adapted = find_adapter(module) is not None
             if keep(module, name):
                 module, what = _convert(module, cls, kwargs)
                 counts[what] += 1
-                return module
-            left[NARROW if filter_fn is None else "refused by filter_fn"] += 1
-            if isinstance(module, (LowbitLinear, LowbitMultiheadAttention, nn.MultiheadAttention)):
-                return module  # an attention module's projections go with it
+                if not adapted:
+                    return module
+            else:
+                left[NARROW if filter_fn is None else "refused by filter_fn"] += 1
+                if isinstance(module, (nn.Linear, nn.MultiheadAttention)):
+                    return module  # an attention module's projections go with it
+        # Adapted modules (converted in place) and every other module: on to the children.
         for child_name, child in list(module.named_children()):
             _replace(module, child_name, child, visit(child, f"{name}.{child_name}" if name else child_name))
         return module
 
     model = _guard_fast_paths(visit(model, ""))
     _log_summary(to, counts, left, scripted)
+    warn_on_first_call(model)
     return model
 
 
@@ -189,6 +209,8 @@ def unswap(model: nn.Module) -> nn.Module:
     Parameters trained since. Returns `model`, or the restored layer if `model` is a swapped layer."""
     if isinstance(model, (LowbitLinear, LowbitMultiheadAttention)):
         return model.to_original()
+    if is_adapted(model):
+        model.to_original()  # in place; its children are restored below
     for name, child in list(model.named_children()):
         _replace(model, name, child, unswap(child))
     if "_lowbit_original" in model.__dict__ and no_fast_path_class(model.__dict__["_lowbit_original"]):
