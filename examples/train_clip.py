@@ -16,7 +16,8 @@ to a GPU node (open_clip's CSV conventions; webdataset shards work the same way,
 
 Precisions: fp32 | bf16 (torch.autocast) | switchback, switchback-row, switchback-memeff (lowbit's
 SwitchBackLinear) | fp8-tensorwise, fp8-switchback (lowbit's Float8Linear, simulated without an fp8
-GPU) | llm-int8 (the paper's baseline, int8 in all three matmuls: examples/llm_int8.py). Low-bit
+GPU) | llm-int8 (the paper's baseline, int8 in all three matmuls) | any other name in
+lowbit.layer_names(). Low-bit
 precisions replace every nn.Linear and nn.MultiheadAttention that `lowbit.swap`'s default filter
 accepts (layers >= 512 wide); when it accepts none (small models such as lowbit-tiny) or with
 --swap-all, every one. With --amp auto they run the rest of the model in bf16 on CUDA (the paper's
@@ -57,34 +58,19 @@ import numpy as np
 import open_clip
 import torch
 import torch.distributed as dist
-from llm_int8 import LLMInt8Linear
 from torch import nn
 
 import lowbit
+from lowbit.io import atomic_path, leftover_temporaries
 from lowbit.swap import default_filter
 
 open_clip.add_model_config(Path(__file__).resolve().parent / "model_configs")  # registers lowbit-tiny
 # open_clip's ClipLoss gathers features with torch.distributed.nn.all_gather, which warns on every step.
 warnings.filterwarnings("ignore", "torch.distributed.nn.functional.all_gather is deprecated", FutureWarning)
 
-PRECISIONS = (
-    "fp32",
-    "bf16",
-    "switchback",
-    "switchback-row",
-    "switchback-memeff",
-    "fp8-tensorwise",
-    "fp8-switchback",
-    "llm-int8",
-)
-LOWBIT_LAYERS = {
-    "switchback": "switchback",
-    "switchback-row": "switchback-row",
-    "switchback-memeff": "switchback-memeff",
-    "fp8-tensorwise": "fp8-tensorwise",
-    "fp8-switchback": "fp8-switchback",
-    "llm-int8": LLMInt8Linear,
-}
+# fp32, bf16 (autocast), and every layer name lowbit registers (lowbit.layer_names()).
+LOWBIT_LAYERS = lowbit.layer_names()
+PRECISIONS = ("fp32", "bf16", *LOWBIT_LAYERS)
 # Flags that change what a run computes: a resume must keep the checkpoint's, or it is no longer exact.
 # lr, wd, betas and eps would not even apply (the checkpoint's optimizer and scheduler state replace
 # them); --steps sets the cosine schedule's length. Output, logging, evaluation, checkpointing and
@@ -285,7 +271,7 @@ def swap_filter(model: nn.Module, swap_all: bool):
     """lowbit's default filter, or every layer if asked or if the default would swap none."""
     candidates = [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.MultiheadAttention))]
     if swap_all or not any(default_filter(m, n) for n, m in candidates):
-        return lambda module, name: True
+        return lowbit.ALL
     return None
 
 
@@ -361,17 +347,18 @@ def atomic_write(path: Path, write) -> None:
     file, and says "no space left" when that is why (torch.save reports a full disk as a RuntimeError
     from its zip writer, without errno, so the free space is asked).
     """
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    written = free = 0
     try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:  # lowbit.io: fsync, os.replace, the temporary removed on failure
+            try:
+                write(tmp)
+            except BaseException:
+                written = tmp.stat().st_size if tmp.exists() else 0
+                free = shutil.disk_usage(path.parent).free  # before the temporary's space is given back
+                raise
     except BaseException as err:
-        written = tmp.stat().st_size if tmp.exists() else 0
-        free = shutil.disk_usage(path.parent).free  # before the temporary file's space is given back
-        tmp.unlink(missing_ok=True)
         if isinstance(err, (OSError, RuntimeError)):
+            free = free or shutil.disk_usage(path.parent).free
             full = getattr(err, "errno", None) == errno.ENOSPC or free <= max(written, 1 << 20)
             first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
             cause = f"no space left on the device ({free / 2**20:.0f} MiB free)" if full else first_line
@@ -400,7 +387,7 @@ def run_files(out: Path) -> list[Path]:
 def remove_leftover_tmp(out: Path) -> list[str]:
     """Removes temporary files of writes that a kill interrupted (`.NAME.tmp<pid>`); returns their names."""
     names = []
-    for p in sorted(out.glob(".*.tmp*")):
+    for p in leftover_temporaries(out):
         target = p.name[1:].rpartition(".tmp")[0]
         if p.is_file() and (target in RUN_FILES or target.startswith("checkpoint-")):
             p.unlink()
@@ -748,7 +735,7 @@ def setup(args: argparse.Namespace, argv: list[str]) -> tuple[Run, dict | None]:
         raise UsageError(str(err)) from err
     if args.precision in LOWBIT_LAYERS:
         filter_fn = swap_filter(model, args.swap_all)
-        lowbit.swap(model, LOWBIT_LAYERS[args.precision], filter_fn=filter_fn)
+        lowbit.swap(model, args.precision, filter_fn=filter_fn)
         swapped = sum(isinstance(m, lowbit.nn.LowbitLinear) for m in model.modules())
         which = "all" if filter_fn else "lowbit default filter"
         run.say(f"{args.precision}: {swapped} linear layers swapped ({which})")
