@@ -16,35 +16,47 @@ def _config(bm, bn, bk, stages, warps, group=8):
     )
 
 
-# int8 MMA consumes K in steps of 32 (mma.m16n8k32 on Ampere, wgmma k32 on Hopper): BLOCK_SIZE_K of
-# 64/128 keeps the tensor cores fed with 1-byte operands. Shared memory per stage is
-# (BLOCK_SIZE_M + BLOCK_SIZE_N) * BLOCK_SIZE_K bytes (num_stages - 1 stages on Ampere, all on Hopper):
-# every config fits A100's 164 KiB / H100's 228 KiB (checked by compiling for sm_80 / sm_90).
+# int8 MMA consumes K in steps of 32 (mma.m16n8k32 on Ampere, wgmma k32 on Hopper). Shared memory per
+# stage is (BLOCK_SIZE_M + BLOCK_SIZE_N) * BLOCK_SIZE_K bytes. tests/kernels/test_compile_targets.py
+# compiles every config for sm_80 and sm_90 and checks: no register spills, shared memory within the
+# generation's per-block limit, int8 tensor-core instructions.
+#
+# Ampere: the int32 accumulator lives in registers (BLOCK_SIZE_M * BLOCK_SIZE_N / threads of them per
+# thread), so tiles stay at 128 x 128 per 8 warps or 128 x 64 per 4 warps; 128 x 256 and 256 x 128
+# tiles spilled 580-8200 bytes at 255 registers (8 warps) and 128 x 128 x 64 at 4 warps spilled 584.
 _AMPERE_CONFIGS = [
-    _config(128, 256, 128, 3, 8),
-    _config(256, 128, 128, 3, 8),
-    _config(128, 256, 64, 3, 8),
-    _config(256, 128, 64, 3, 8),
     _config(128, 128, 128, 3, 8),
-    _config(128, 128, 64, 4, 4),
+    _config(128, 128, 64, 4, 8),
+    _config(128, 128, 64, 3, 8),
+    _config(64, 256, 128, 3, 8),
     _config(128, 64, 128, 4, 4),
     _config(64, 128, 128, 4, 4),
+    _config(128, 64, 64, 4, 4),
+    _config(64, 128, 64, 4, 4),
     _config(64, 64, 128, 4, 4),
     _config(32, 64, 128, 4, 4),
 ]
-# Hopper's wgmma wants 128-row tiles per pair of warpgroups and deeper pipelines.
+# Hopper: Triton 3.8 does not keep an int32-accumulating wgmma in flight across k-steps (each step ends
+# in wgmma.wait_group 0; the same loop in fp16 or fp8 keeps one group pending), so a block idles its
+# tensor cores while it waits. Two levers: a second resident block per SM to fill the gap (<= 96 KiB
+# shared memory and, at 4 warps, <= 255 registers), and BLOCK_SIZE_K 256 (8 wgmma k32 per wait).
 _HOPPER_CONFIGS = [
-    _config(128, 256, 128, 3, 8),
-    _config(256, 128, 128, 3, 8),
-    _config(128, 256, 64, 4, 8),
-    _config(128, 128, 128, 4, 8),
-    _config(128, 128, 128, 4, 4),
-    _config(128, 64, 128, 4, 4),
-    _config(64, 128, 128, 4, 4),
+    _config(128, 128, 128, 3, 4),  # 96 KiB, 2 blocks per SM
+    _config(128, 128, 64, 4, 4),  # 64 KiB, 2 blocks per SM
+    _config(64, 128, 128, 4, 4),  # 96 KiB, 2 blocks per SM
+    _config(128, 64, 128, 4, 4),  # 96 KiB, 2 blocks per SM
+    _config(128, 128, 256, 3, 8),  # 192 KiB, 1 block, half the waits per K
+    _config(128, 256, 128, 3, 8),  # 144 KiB, 1 block: the largest tile, for the largest GEMMs
+    _config(128, 128, 128, 3, 8),
     _config(64, 64, 128, 5, 4),
 ]
 # One small config: the interpreter runs every program in Python, and no tuning is needed there.
 _INTERPRETER_CONFIGS = [_config(32, 32, 32, 1, 4, group=2)]
+
+
+def configs_for_capability(major: int) -> list[triton.Config]:
+    """The configs written for a GPU generation (compute capability major 8: Ampere, >= 9: Hopper)."""
+    return _HOPPER_CONFIGS if major >= 9 else _AMPERE_CONFIGS
 
 
 def _prune_for_device(configs, named_args, **kwargs):
@@ -54,7 +66,7 @@ def _prune_for_device(configs, named_args, **kwargs):
     # Launched with keyword arguments, so the operands arrive in kwargs rather than named_args.
     a = named_args.get("a_ptr", kwargs.get("a_ptr"))
     major, _ = torch.cuda.get_device_capability(a.device)
-    wanted = _HOPPER_CONFIGS if major >= 9 else _AMPERE_CONFIGS
+    wanted = configs_for_capability(major)
     # Iterate over `wanted`: a config listed for both generations would otherwise be tuned twice.
     return [c for c in wanted if c in configs] or configs
 

@@ -32,7 +32,8 @@ else:
         triton.Config({"BLOCK_SIZE_M": 128, "BLOCK_SIZE_K": 128}, num_warps=8),
         triton.Config({"BLOCK_SIZE_M": 128, "BLOCK_SIZE_K": 64}, num_warps=4),
         triton.Config({"BLOCK_SIZE_M": 256, "BLOCK_SIZE_K": 64}, num_warps=8),
-        triton.Config({"BLOCK_SIZE_M": 256, "BLOCK_SIZE_K": 128}, num_warps=8),
+        # 256 x 128 at 8 warps spilled 4 bytes on sm_90 (tests/kernels/test_compile_targets.py)
+        triton.Config({"BLOCK_SIZE_M": 256, "BLOCK_SIZE_K": 128}, num_warps=16),
     ]
     _QUANTIZE_CONFIGS = [
         triton.Config({"BLOCK_SIZE_M": 64, "BLOCK_SIZE_K": 64}, num_warps=4),

@@ -37,13 +37,14 @@ class StableAdamW(torch.optim.Optimizer):
 
     - ``"step"``: t, a 0-dim fp32 tensor on the CPU (as in torch's Adam), so the bias correction
       is computed on the host without reading anything back from the device.
-    - ``"exp_avg"``: v, fp32, the parameter's shape and device.
-    - ``"exp_avg_sq"``: u, fp32, the parameter's shape and device.
-    - ``"rms"``: the RMS of the last step, a 0-dim fp32 tensor on the parameter's device; read it
+    - ``"exp_avg"``: v, the parameter's shape and device.
+    - ``"exp_avg_sq"``: u, the parameter's shape and device.
+    - ``"rms"``: the RMS of the last step, a 0-dim tensor on the parameter's device; read it
       (e.g. from a loss-spike monitor) without a host synchronisation.
 
-    The state is fp32 whatever the parameter's dtype: for bf16 / fp16 parameters the update is
-    computed in fp32 and rounded to the parameter's dtype once, when written back.
+    The state is fp64 for fp64 parameters and fp32 for all others: for bf16 / fp16 parameters the
+    update is computed in fp32 and rounded to the parameter's dtype once, when written back; fp64
+    parameters are updated in fp64 throughout.
 
     Nothing in a step synchronises the host with the device: RMS and eta stay device tensors.
     ``foreach=True`` runs ``torch._foreach_*`` ops over the parameters of a group bucketed by
@@ -96,7 +97,8 @@ class StableAdamW(torch.optim.Optimizer):
             group.setdefault("foreach", None)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Loads like ``torch.optim.Optimizer``, but keeps v, u and rms in fp32 and the step on the CPU.
+        """Loads like ``torch.optim.Optimizer``, but keeps v, u and rms in the state dtype (fp32, or
+        fp64 for fp64 parameters) and the step on the CPU.
 
         The base class casts floating-point state to the parameter's dtype, which would round the
         fp32 moments of bf16 / fp16 parameters; they are restored here from the saved tensors.
@@ -111,7 +113,7 @@ class StableAdamW(torch.optim.Optimizer):
             state = self.state[p]
             for key in ("exp_avg", "exp_avg_sq", "rms"):
                 if key in saved:
-                    state[key] = saved[key].to(device=p.device, dtype=torch.float32, copy=True)
+                    state[key] = saved[key].to(device=p.device, dtype=_state_dtype(p.dtype), copy=True)
             if "step" in saved:
                 state["step"] = torch.as_tensor(saved["step"]).to(
                     device="cpu", dtype=torch.float32, copy=True
@@ -149,13 +151,10 @@ class StableAdamW(torch.optim.Optimizer):
                 state = self.state[p]
                 if len(state) == 0:
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(
-                        p, dtype=torch.float32, memory_format=torch.preserve_format
-                    )
-                    state["exp_avg_sq"] = torch.zeros_like(
-                        p, dtype=torch.float32, memory_format=torch.preserve_format
-                    )
-                    state["rms"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    dtype = _state_dtype(p.dtype)
+                    state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                    state["rms"] = torch.zeros((), dtype=dtype, device=p.device)
                 params.append(p)
                 grads.append(p.grad)
                 exp_avgs.append(state["exp_avg"])
@@ -207,6 +206,11 @@ def _check_hyperparameters(group: dict[str, Any]) -> None:
         raise ValueError(f"foreach must be None, True or False, got {group['foreach']!r}")
 
 
+def _state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the state and of the update arithmetic: fp64 for fp64 parameters, else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _folded_beta(beta: float, t: float) -> float:
     """b (1 - b^(t-1)) / (1 - b^t): Adam's bias correction folded into the decay rate (0 at t = 1)."""
     return beta * (1.0 - beta ** (t - 1)) / (1.0 - beta**t)
@@ -251,9 +255,9 @@ def _single_tensor_stable_adamw(
         t = step.item()
         # b_hat = b (1 - b^(t-1)) / (1 - b^t)
         beta1_hat, beta2_hat = _folded_beta(beta1, t), _folded_beta(beta2, t)
-        # The update is computed in fp32 (no copies for fp32 parameters); grad is never written.
-        grad_hp = grad.float()
-        param_hp = param.float()
+        # The update is computed in the state dtype (no copies for fp32 / fp64); grad is never written.
+        grad_hp = grad.to(exp_avg.dtype)
+        param_hp = param.to(exp_avg.dtype)
 
         # v = b1_hat v + (1 - b1_hat) g
         exp_avg.lerp_(grad_hp, 1.0 - beta1_hat)
@@ -267,13 +271,13 @@ def _single_tensor_stable_adamw(
         rms_state.copy_(rms)
         # eta = lr / max(1, RMS / clip_threshold), a device tensor: no host synchronisation
         eta = _like_param(rms.div_(clip_threshold).clamp_min_(1.0).reciprocal_().mul_(lr), param)
-        # theta = theta - eta wd theta (decoupled weight decay, clipped like the update)
-        if weight_decay != 0.0:
-            param_hp.addcmul_(param_hp, eta, value=-weight_decay)
-        # theta = theta - eta v / (sqrt(u) + eps)
+        # theta = theta - eta (wd theta + v / (sqrt(u) + eps)): decoupled weight decay, clipped like
+        # the update; the foreach path's ops in the same order
         update = exp_avg_sq.sqrt().add_(eps)
         torch.div(exp_avg, update, out=update)
-        param_hp.addcmul_(update, eta, value=-1.0)
+        if weight_decay != 0.0:
+            update.add_(param_hp, alpha=weight_decay)
+        param_hp.sub_(update.mul_(eta))
         if param_hp is not param:
             param.copy_(param_hp)
 
@@ -311,10 +315,10 @@ def _foreach_stable_adamw(
         # b_hat = b (1 - b^(t-1)) / (1 - b^t), per tensor (a tensor may have skipped steps)
         beta1_hats = [_folded_beta(beta1, t) for t in ts]
         beta2_hats = [_folded_beta(beta2, t) for t in ts]
-        # The update is computed in fp32 (no copies for fp32 parameters); grads are never written.
-        low_precision = dtype != torch.float32
-        grads_hp = [g.float() for g in b_grads] if low_precision else b_grads
-        params_hp = [p.float() for p in b_params] if low_precision else b_params
+        # The update is computed in the state dtype (no copies for fp32 / fp64); grads are never written.
+        needs_copy = dtype != b_exp_avgs[0].dtype  # bf16 / fp16
+        grads_hp = _copies(b_grads, b_exp_avgs[0].dtype) if needs_copy else b_grads
+        params_hp = _copies(b_params, b_exp_avgs[0].dtype) if needs_copy else b_params
 
         # v = b1_hat v + (1 - b1_hat) g
         torch._foreach_lerp_(b_exp_avgs, grads_hp, [1.0 - b for b in beta1_hats])
@@ -331,15 +335,45 @@ def _foreach_stable_adamw(
         torch._foreach_copy_(b_rmss, list(rms.unbind(0)))
         # eta = lr / max(1, RMS / clip_threshold), device tensors: no host synchronisation
         etas = list(rms.div_(clip_threshold).clamp_min_(1.0).reciprocal_().mul_(lr).unbind(0))
-        etas = [_like_param(eta, p) for eta, p in zip(etas, b_params)]
-        # theta = theta - eta wd theta (decoupled weight decay, clipped like the update)
-        if weight_decay != 0.0:
-            torch._foreach_addcmul_(params_hp, params_hp, etas, value=-weight_decay)
-        # theta = theta - eta v / (sqrt(u) + eps)
+        # theta = theta - eta (wd theta + v / (sqrt(u) + eps)): decoupled weight decay, clipped like
+        # the update. Every op takes lists of same-shaped tensors (PyTorch's multi-tensor fast path);
+        # DTensors (FSDP2) are updated through their local shards, eta being the same on every rank.
         denoms = torch._foreach_sqrt(b_exp_avg_sqs)
         torch._foreach_add_(denoms, eps)
-        updates = torch._foreach_div(b_exp_avgs, denoms)
+        updates = [_local(u) for u in torch._foreach_div(b_exp_avgs, denoms)]
         del denoms
-        torch._foreach_addcmul_(params_hp, updates, etas, value=-1.0)
-        if low_precision:
+        params_local = [_local(p) for p in params_hp]
+        if weight_decay != 0.0:
+            torch._foreach_add_(updates, params_local, alpha=weight_decay)
+        torch._foreach_mul_(updates, _broadcast_each(etas, updates))
+        torch._foreach_sub_(params_local, updates)
+        del updates
+        if needs_copy:
             torch._foreach_copy_(b_params, params_hp)
+
+
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's local shard (an alias: in-place ops write through), any other tensor itself."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _copies(tensors: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
+    """Copies of `tensors` in `dtype`, made by one `_foreach_copy_` rather than one cast per tensor."""
+    out = [torch.empty_like(t, dtype=dtype) for t in tensors]
+    torch._foreach_copy_(out, tensors)
+    return out
+
+
+def _broadcast_each(scalars: list[Tensor], tensors: list[Tensor]) -> list[Tensor]:
+    """scalars[i] (0-dim) spread to tensors[i]'s shape and strides, all views of one flat buffer.
+
+    `_foreach_mul_` by a list of 0-dim tensors leaves the multi-tensor fast path (it wants the same
+    shapes pair by pair) and runs one kernel per tensor; this costs one full-size temporary and a
+    `cat` instead. `tensors` must be dense (the outputs of `_foreach_*` ops on the dense state are).
+    """
+    flat = torch.cat([s.expand(t.numel()) for s, t in zip(scalars, tensors)])
+    views, offset = [], 0
+    for t in tensors:
+        views.append(flat.as_strided(t.shape, t.stride(), offset))
+        offset += t.numel()
+    return views

@@ -1,0 +1,220 @@
+"""Roofline model of one linear layer's fwd+bwd and of a StableAdamW step, from the launches the code makes.
+
+    python -m benchmarks.roofline --tokens 8192 --dim 4096 [--json]
+
+Nothing runs on a GPU: the layer runs on the meta device, torch ops are recorded by a TorchDispatchMode
+and lowbit's Triton launchers are swapped for recorders that return meta outputs. Each launch gets the
+bytes it reads and writes and its FLOPs; its predicted time is max(FLOPs / peak, bytes / bandwidth)
+plus a launch overhead, from the table below (vendor peak numbers, dense). A model, not a
+measurement: real kernels reach a fraction of peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import lowbit
+from lowbit.config import SwitchBackConfig
+from lowbit.functional import switchback_linear
+from lowbit.optim import StableAdamW
+
+# Dense peaks (TFLOP/s, TOP/s) and HBM bandwidth (TB/s): A100 SXM 80GB, H100 SXM, H200 SXM.
+GPUS = {
+    "A100": {"bf16": 312e12, "int8": 624e12, "bandwidth": 2.039e12},
+    "H100": {"bf16": 989e12, "int8": 1979e12, "bandwidth": 3.35e12},
+    "H200": {"bf16": 989e12, "int8": 1979e12, "bandwidth": 4.8e12},
+}
+LAUNCH_S = 3e-6  # per kernel launch, eager mode
+_MATMULS = {"mm", "addmm", "bmm", "_int_mm"}
+# Allocations, views and profiler markers: no kernel behind them.
+_NO_KERNEL = {"empty", "empty_like", "empty_strided", "_unsafe_view", "detach",
+              "_record_function_enter_new", "_record_function_exit"}
+
+
+def _nbytes(values) -> int:
+    total = 0
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            # an expanded view (the optimizer's per-tensor step sizes) reads only its storage
+            total += min(v.numel() * v.element_size(), v.untyped_storage().nbytes())
+        elif isinstance(v, (list, tuple)):
+            total += _nbytes(v)
+    return total
+
+
+def _on_device(values) -> bool:
+    """Whether an op touches a modelled (meta) tensor; host ops, like the CPU step counters, launch nothing."""
+    for v in values:
+        if isinstance(v, torch.Tensor) and v.device.type == "meta":
+            return True
+        if isinstance(v, (list, tuple)) and _on_device(v):
+            return True
+    return False
+
+
+class Recorder(TorchDispatchMode):
+    """Collects one entry per launch: name, bytes read + written, FLOPs and their kind."""
+
+    def __init__(self):
+        super().__init__()
+        self.launches = []
+        self._paused = False
+
+    def add(self, name, nbytes, flops=0, kind="bf16"):
+        self.launches.append({"name": name, "bytes": nbytes, "flops": flops, "kind": kind})
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func._schema.name.split("::")[-1]
+        if self._paused or func.is_view or name in _NO_KERNEL or not _on_device(args):
+            return out
+        flops, kind = 0, "bf16"
+        if name in _MATMULS:
+            a, b = args[-2], args[-1]
+            flops = 2 * a.shape[-2] * a.shape[-1] * b.shape[-1]
+            kind = "int8" if a.dtype == torch.int8 else "bf16"
+        self.add(name, _nbytes(args) + _nbytes([out]), flops, kind)
+        return out
+
+    @contextlib.contextmanager
+    def paused(self):
+        self._paused, previous = True, self._paused
+        try:
+            yield
+        finally:
+            self._paused = previous
+
+
+@contextlib.contextmanager
+def recorded_triton_launchers(rec: Recorder):
+    """lowbit.kernels' launchers replaced by recorders that count their traffic and return meta outputs."""
+    from lowbit import kernels
+
+    def quantize(name, transposed):
+        def launcher(x, **kwargs):
+            m, k = x.shape
+            with rec.paused():
+                q = torch.empty((k, m) if transposed else (m, k), dtype=torch.int8, device=x.device)
+                n_scales = {"quantize_rowwise": m, "quantize_colwise_transposed": k}.get(name, 1)
+                scales = torch.empty(n_scales if n_scales > 1 else (), device=x.device)
+            passes = 1 if name == "quantize_rowwise" else 2  # absmax pass, then the quantize pass
+            rec.add(name, passes * x.numel() * x.element_size() + q.numel() + 4 * max(n_scales, 1))
+            return q, scales
+        return launcher
+
+    def int8_matmul_dequant(a, b, a_absmax, b_absmax, *, bias=None, out_dtype=torch.float32):
+        (m, k), n = a.shape, b.shape[1]
+        with rec.paused():
+            out = torch.empty((m, n), dtype=out_dtype, device=a.device)
+        reads = m * k + k * n + _nbytes([a_absmax, b_absmax, bias])
+        rec.add("int8_matmul_dequant", reads + out.numel() * out.element_size(), 2 * m * n * k, "int8")
+        return out
+
+    originals = {name: getattr(kernels, name) for name in
+                 ("quantize_rowwise", "quantize_tensorwise", "quantize_colwise_transposed", "int8_matmul_dequant")}
+    kernels.quantize_rowwise = quantize("quantize_rowwise", False)
+    kernels.quantize_colwise_transposed = quantize("quantize_colwise_transposed", True)
+    tensorwise = quantize("quantize_tensorwise", False)
+    tensorwise_t = quantize("quantize_tensorwise", True)
+    kernels.quantize_tensorwise = lambda x, *, transpose=False: (tensorwise_t if transpose else tensorwise)(x)
+    kernels.int8_matmul_dequant = int8_matmul_dequant
+    # Nothing is interpreted (the launchers are swapped out), but lowbit's triton backend takes
+    # non-CUDA tensors only under the interpreter's flag, read at each call.
+    flag = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        with lowbit.use_backend("triton"):
+            yield
+    finally:
+        for name, fn in originals.items():
+            setattr(kernels, name, fn)
+        if flag is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = flag
+
+
+def record_layer(tokens: int, dim_in: int, dim_out: int, config: SwitchBackConfig | None) -> list[dict]:
+    """Launches of one fwd+bwd of a (tokens, dim_in) -> dim_out bf16 layer (nn.Linear if config is None)."""
+    x = torch.empty(tokens, dim_in, dtype=torch.bfloat16, device="meta", requires_grad=True)
+    w = torch.empty(dim_out, dim_in, dtype=torch.bfloat16, device="meta", requires_grad=True)
+    b = torch.empty(dim_out, dtype=torch.bfloat16, device="meta", requires_grad=True)
+    rec = Recorder()
+    launchers = recorded_triton_launchers(rec) if config is not None else contextlib.nullcontext()
+    with launchers, rec:
+        out = switchback_linear(x, w, b, config=config) if config is not None else F.linear(x, w, b)
+        out.backward(torch.empty_like(out))
+    return rec.launches
+
+
+def record_optimizer_step(dim_in: int, dim_out: int) -> list[dict]:
+    """Launches of one StableAdamW foreach step (after the first) on the layer's weight and bias, fp32."""
+    params = [torch.empty(dim_out, dim_in, device="meta"), torch.empty(dim_out, device="meta")]
+    for p in params:
+        p.grad = torch.empty_like(p)
+    opt = StableAdamW(params, weight_decay=0.1, foreach=True)
+    opt.step()
+    rec = Recorder()
+    with rec:
+        opt.step()
+    return rec.launches
+
+
+def predict(launches: list[dict], gpu: dict) -> float:
+    """Seconds: each launch bound by compute or by memory, plus its launch overhead."""
+    return sum(max(op["flops"] / gpu[op["kind"]], op["bytes"] / gpu["bandwidth"]) + LAUNCH_S for op in launches)
+
+
+def run(tokens: int, dim_in: int, dim_out: int) -> dict:
+    cases = {
+        "switchback": record_layer(tokens, dim_in, dim_out, SwitchBackConfig()),
+        "switchback_mem_efficient": record_layer(tokens, dim_in, dim_out, SwitchBackConfig(mem_efficient=True)),
+        "switchback_rowwise": record_layer(tokens, dim_in, dim_out, SwitchBackConfig(weight_quant="row")),
+        "nn_linear": record_layer(tokens, dim_in, dim_out, None),
+        "stable_adamw_step": record_optimizer_step(dim_in, dim_out),
+    }
+    return {
+        "shape": {"tokens": tokens, "dim_in": dim_in, "dim_out": dim_out},
+        "model": "max(flops / peak, bytes / bandwidth) + launch overhead per launch; not a measurement",
+        "gpus": GPUS,
+        "launch_s": LAUNCH_S,
+        "cases": {
+            name: {
+                "launches": launches,
+                "bytes": sum(op["bytes"] for op in launches),
+                "flops": sum(op["flops"] for op in launches),
+                "predicted_s": {gpu: predict(launches, spec) for gpu, spec in GPUS.items()},
+            }
+            for name, launches in cases.items()
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--dim", type=int, default=4096, help="input features")
+    parser.add_argument("--dim-out", type=int, default=None, help="output features (default: 4 * dim)")
+    parser.add_argument("--json", action="store_true", help="print the full result as JSON")
+    args = parser.parse_args(argv)
+    result = run(args.tokens, args.dim, args.dim_out or 4 * args.dim)
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return result
+    print(f"model ({result['model']}), shape {result['shape']}")
+    print(f"{'case':28} {'launches':>8} {'GB':>8} {'TFLOP':>8} " + " ".join(f"{g + ' us':>10}" for g in GPUS))
+    for name, case in result["cases"].items():
+        times = " ".join(f"{case['predicted_s'][g] * 1e6:10.1f}" for g in GPUS)
+        print(f"{name:28} {len(case['launches']):8d} {case['bytes'] / 1e9:8.3f} {case['flops'] / 1e12:8.3f} {times}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

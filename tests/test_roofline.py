@@ -1,0 +1,40 @@
+"""benchmarks/roofline.py on a tiny layer: the launches it records and the bytes and FLOPs it gives them."""
+
+import json
+
+from benchmarks import roofline
+
+T, K, N = 24, 16, 40  # tokens, in, out features
+
+
+def test_records_switchback_launches_with_their_traffic():
+    launches = roofline.record_layer(T, K, N, roofline.SwitchBackConfig())
+    gemms = [op for op in launches if op["name"] == "int8_matmul_dequant"]
+    # forward x @ w.T and grad_input g @ w, each 2 T K N int8 ops
+    assert [op["flops"] for op in gemms] == [2 * T * K * N, 2 * T * N * K]
+    assert all(op["kind"] == "int8" for op in gemms)
+    # forward: int8 x and w, fp32 row and tensor scales, bf16 bias in; bf16 out
+    assert gemms[0]["bytes"] == T * K + K * N + 4 * T + 4 + 2 * N + 2 * T * N
+    # grad_weight stays a bf16 matmul
+    assert [op["flops"] for op in launches if op["name"] == "mm"] == [2 * N * T * K]
+
+
+def test_nn_linear_is_three_matmuls_and_a_bias_sum():
+    names = sorted(op["name"] for op in roofline.record_layer(T, K, N, None))
+    assert names == ["addmm", "mm", "mm", "sum"]
+
+
+def test_optimizer_step_launches_do_not_depend_on_the_tensor_count():
+    launches = roofline.record_optimizer_step(K, N)
+    assert all(op["name"].startswith("_foreach_") or op["name"] in
+               {"stack", "sqrt_", "div_", "clamp_min_", "reciprocal_", "mul_", "cat"} for op in launches)
+
+
+def test_cli_json(capsys):
+    roofline.main(["--tokens", str(T), "--dim", str(K), "--dim-out", str(N), "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert set(result["cases"]) == {"switchback", "switchback_mem_efficient", "switchback_rowwise",
+                                    "nn_linear", "stable_adamw_step"}
+    for case in result["cases"].values():
+        assert set(case["predicted_s"]) == {"A100", "H100", "H200"}
+        assert all(t > 0 for t in case["predicted_s"].values())
