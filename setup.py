@@ -9,7 +9,7 @@ from setuptools import setup
 CLIP = ["open_clip_torch>=2.24", "timm>=0.9"]
 # Peers the benchmarks compare against; any that is missing is reported as skipped.
 BENCH = ["bitsandbytes>=0.43", "torchao>=0.7", "torch-optimi>=0.2", "pytorch_optimizer>=3.0", "matplotlib>=3.7"]
-DEV = CLIP + BENCH + ["pytest>=7", "tensorboard>=2.14", "ruff>=0.4"]
+DEV = CLIP + BENCH + ["pytest>=7", "tensorboard>=2.14", "ruff>=0.4", "transformers>=4.40"]
 
 setup(
     name="lowbit",
@@ -19,7 +19,10 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["lowbit", "lowbit.nn", "lowbit.optim", "lowbit.monitor", "lowbit.kernels"],
+    packages=[
+        "lowbit", "lowbit.int8", "lowbit.float8", "lowbit.nn", "lowbit.adapters", "lowbit.optim", "lowbit.monitor",
+        "lowbit.kernels",
+    ],
     package_dir={"lowbit": "lowbit", "lowbit.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",

@@ -52,7 +52,7 @@ def _lowbit_swap(to: str):
     return convert
 
 
-def _lowbit_fp8(recipe: str):
+def _lowbit_fp8(name: str):
     def convert(model: nn.Module, settings: Settings) -> nn.Module:
         import lowbit
 
@@ -60,7 +60,7 @@ def _lowbit_fp8(recipe: str):
         if not has_fp8(settings.device):
             raise Skip("needs a GPU with float8 tensor cores (sm89+); simulated fp8 is not a speed target")
         # simulate=False: real fp8 or an error, never a simulated layer timed as fp8.
-        return lowbit.swap(model, to=f"fp8-{recipe}", filter_fn=_swap_all, simulate=False)
+        return lowbit.swap(model, to=name, filter_fn=_swap_all, simulate=False)
 
     return convert
 
@@ -105,18 +105,28 @@ def _bnb_llm_int8(model: nn.Module, settings: Settings) -> nn.Module:
     return model
 
 
+def _lowbit_impls() -> dict:
+    """Every registered lowbit layer name (fp8 ones as "lowbit-<name>", timed only as real fp8)."""
+    from lowbit.nn import Float8Linear
+    from lowbit.registry import layer_names, layer_spec
+
+    impls = {}
+    for name in layer_names():
+        if issubclass(layer_spec(name).cls, Float8Linear):
+            impls[f"lowbit-{name}"] = _lowbit_fp8(name)
+        else:
+            impls[name] = _lowbit_swap(name)
+    return impls
+
+
 # name -> converter(model of nn.Linear layers, settings) -> model; a converter raises Skip when it can't run.
 IMPLS = {
     BASELINE: lambda model, settings: model,
-    "switchback": _lowbit_swap("switchback"),
-    "switchback-row": _lowbit_swap("switchback-row"),
-    "switchback-memeff": _lowbit_swap("switchback-memeff"),
+    **_lowbit_impls(),
     "torchao-int8-mp": _torchao_int8,
     "bnb-llm.int8": _bnb_llm_int8,
     "torchao-fp8-tensorwise": _torchao_fp8("tensorwise"),
     "torchao-fp8-rowwise-gw-hp": _torchao_fp8("rowwise_with_gw_hp"),
-    "lowbit-fp8-tensorwise": _lowbit_fp8("tensorwise"),
-    "lowbit-fp8-switchback": _lowbit_fp8("switchback"),
 }
 
 

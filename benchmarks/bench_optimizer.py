@@ -77,8 +77,13 @@ def _lowbit(foreach: bool):
 
 def _optimi(params):
     optimi = optional_import("optimi", "pip install torch-optimi")
-    # optimi's own default: its Triton step on CUDA (foreach is deprecated there), per-tensor on CPU.
-    return optimi.StableAdamW(params, **_accepted(optimi.StableAdamW, HYPER))
+    # optimi's own default on CUDA: its Triton step (foreach is deprecated there). With triton
+    # installed it takes that path for CPU tensors too and fails ("0 active drivers"), so on the
+    # CPU it is told not to (an optimi without the option only runs on torch there).
+    options = dict(HYPER)
+    if all(p.device.type == "cpu" for p in params):
+        options["triton"] = False
+    return optimi.StableAdamW(params, **_accepted(optimi.StableAdamW, options))
 
 
 def _pytorch_optimizer(params):

@@ -8,7 +8,7 @@ shapes in the same run ("frac_of_copy_bw" in a record's extra).
 The int8 GEMM with its dequantize epilogue is compute-bound: TFLOP/s, with speed-up against a
 16-bit `torch.mm` of the same shape and `torch._int_mm` (int8 -> int32, no epilogue) beside it.
 
-Implementations: "triton" (lowbit.kernels, timed only on a GPU) and "torch-ref" (lowbit.ops'
+Implementations: "triton" (lowbit.kernels, timed only on a GPU) and "torch-ref" (lowbit.int8.ops'
 plain-torch twin, the path CPU tensors take).
 """
 
@@ -55,7 +55,8 @@ def _triton_op(name: str, settings: Settings):
 
 
 def _torch_ref_op(name: str, settings: Settings):
-    from lowbit import ops, use_backend
+    from lowbit import use_backend
+    from lowbit.int8 import ops
 
     op = getattr(ops, name)
 
@@ -91,7 +92,8 @@ def _quantize_shape(m: int, k: int, settings: Settings, rec: Recorder) -> None:
 
 
 def _matmul_shape(m: int, k: int, settings: Settings, rec: Recorder) -> None:
-    from lowbit import ops, use_backend
+    from lowbit import use_backend
+    from lowbit.int8 import ops
 
     case = "int8_matmul_dequant d->4d"
     n = 4 * k

@@ -12,17 +12,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: register this folder as the `benchmarks` package
-    import importlib.util
-
-    # Not by putting the repository root on sys.path: its kernels/ folder would shadow the `kernels`
-    # package that bitsandbytes looks for.
-    _here = Path(__file__).resolve().parent
-    _spec = importlib.util.spec_from_file_location(
-        "benchmarks", _here / "__init__.py", submodule_search_locations=[str(_here)]
-    )
-    sys.modules["benchmarks"] = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(sys.modules["benchmarks"])
+if __package__ in (None, ""):  # run as a script: the repository root holds the `benchmarks` package
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # its kernels/ cannot shadow anything
 
 from benchmarks.common import Record, read_jsonl
 

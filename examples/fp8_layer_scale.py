@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -33,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 import lowbit
+from lowbit.io import atomic_path, atomic_write_text
 
 RUNS = {  # name -> (fp8 swap name or None, zero-init layer-scale)
     "fp32": (None, False),
@@ -92,7 +92,7 @@ def train(args: argparse.Namespace, name: str, images: torch.Tensor, labels: tor
     swap_to, zero_ls = RUNS[name]
     model = make_model(args, zero_ls)
     if swap_to is not None:
-        lowbit.swap(model, swap_to, filter_fn=lambda module, qualified_name: True, simulate=True)
+        lowbit.swap(model, swap_to, filter_fn=lowbit.ALL, simulate=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.98), weight_decay=args.weight_decay)
 
     def lr_at(step: int) -> float:  # linear warmup, cosine decay
@@ -153,10 +153,9 @@ def plot(results: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> list[dict]:
@@ -180,9 +179,7 @@ def main(argv=None) -> list[dict]:
         )
 
     table = {"args": {k: str(v) for k, v in vars(args).items()}, "torch": torch.__version__, "results": results}
-    tmp = args.out / "fp8_layer_scale.json.tmp"
-    tmp.write_text(json.dumps(table, indent=1))
-    os.replace(tmp, args.out / "fp8_layer_scale.json")
+    atomic_write_text(args.out / "fp8_layer_scale.json", json.dumps(table, indent=1))
     plot(results, args.out / "fp8_layer_scale.png")
     print(f"wrote {args.out / 'fp8_layer_scale.json'} and {args.out / 'fp8_layer_scale.png'}")
     return results

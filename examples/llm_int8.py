@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from lowbit import ops
+from lowbit.int8 import ops
 from lowbit.nn import LowbitLinear
 
 

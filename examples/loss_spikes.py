@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import time
 from collections import Counter
@@ -48,6 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lowbit
+from lowbit.io import atomic_write_text
 from lowbit.monitor.writers import to_json_safe
 
 NUM_CLASSES = 10
@@ -274,9 +274,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     print_table(results)
     summary = {"args": {k: str(v) for k, v in vars(args).items()}, "torch": torch.__version__, "results": results}
-    tmp = args.out / "summary.json.tmp"
-    tmp.write_text(json.dumps(to_json_safe(summary), indent=1, default=str))
-    os.replace(tmp, args.out / "summary.json")
+    atomic_write_text(args.out / "summary.json", json.dumps(to_json_safe(summary), indent=1, default=str))
     print(f"wrote {len(results)} runs (PNG, zoomed PNG, JSONL) and summary.json to {args.out}")
     return results
 

@@ -1,26 +1,28 @@
-"""Triton kernels behind lowbit.ops: int8 quantization (row, column, tensor) and the int8 GEMM.
+"""Triton kernels behind lowbit.int8.ops: int8 quantization (row, column, tensor) and the int8 GEMM.
 
-Each launcher matches the torch twin of the same name in `lowbit.ops` bit for bit on the int8 values.
+Each launcher matches the torch twin of the same name in `lowbit.int8.ops` bit for bit on the int8 values.
 On CPU tensors they run under Triton's interpreter (TRITON_INTERPRET=1, set before importing triton).
+
+This folder is the package `lowbit.kernels`. Imported as a top-level `kernels` (the repository
+root is on sys.path, e.g. a script run from it), it steps aside: the import resolves to another
+package named `kernels` if one is installed, and fails as a missing module otherwise, so it can
+never shadow one (bitsandbytes, for one, looks for Hugging Face's `kernels`).
 """
 
-try:
-    import triton  # noqa: F401
-except ImportError as err:  # lowbit.ops imports this module only when the Triton backend is asked for
-    raise ImportError(
-        "lowbit.kernels needs Triton (Linux): `pip install triton`, or use lowbit's torch backend "
-        "(LOWBIT_BACKEND=torch)."
-    ) from err
+if __name__ == "kernels":
+    import importlib.machinery
+    import importlib.util
+    import os
+    import sys
 
-from .int8_matmul import MAX_INNER_DIM, int8_matmul_dequant
-from .quantize_colwise import quantize_colwise_transposed
-from .quantize_rowwise import quantize_rowwise
-from .quantize_tensorwise import quantize_tensorwise
-
-__all__ = [
-    "MAX_INNER_DIM",
-    "int8_matmul_dequant",
-    "quantize_colwise_transposed",
-    "quantize_rowwise",
-    "quantize_tensorwise",
-]
+    _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    _elsewhere = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _root]
+    _spec = importlib.machinery.PathFinder.find_spec("kernels", _elsewhere)
+    if _spec is None:
+        del sys.modules["kernels"]
+        raise ModuleNotFoundError("No module named 'kernels'", name="kernels")
+    sys.modules["kernels"] = importlib.util.module_from_spec(_spec)  # what `import kernels` returns
+    _spec.loader.exec_module(sys.modules["kernels"])
+else:
+    from lowbit.kernels._api import *  # noqa: F403
+    from lowbit.kernels._api import __all__  # noqa: F401

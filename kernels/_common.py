@@ -1,6 +1,6 @@
 """Pieces every int8 kernel shares: the quantize rule as Triton device code, and launcher checks.
 
-The rule (lowbit/ops.py is the contract, these helpers copy its torch twin op for op):
+The rule (lowbit/int8/ops.py is the contract, these helpers copy its torch twin op for op):
     boost = 2**64 if a < 2**-64 else 1               (exact: keeps 127 / a finite for tiny groups)
     inv = 127 * (1 / (a * boost))  if 0 < a < inf  else 0
     q   = clamp(rint((x * boost) * inv), -127, 127), NaN -> 0   (fp32, ties to even)
@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from lowbit._inputs import FLOAT_DTYPES, MAX_INNER_DIM  # noqa: F401  (shared with the torch twins)
+from lowbit._inputs import check_float_matrix as _check_float_matrix
 
 
 def _interpreting() -> bool:
@@ -87,7 +88,7 @@ def _nan_to_inf_abs(x):
 
 @triton.jit
 def _boost(absmax):
-    """2**64 for a group whose absmax is below 2**-64, else 1 (see the twin's `_boost` in lowbit/ops.py)."""
+    """2**64 for a group whose absmax is below 2**-64, else 1 (see the twin's `_boost` in lowbit/int8/ops.py)."""
     return tl.where(absmax < 5.421010862427522e-20, 18446744073709551616.0, 1.0)
 
 
@@ -130,13 +131,8 @@ def _scale_out(absmax):
 
 
 def check_float_matrix(x: torch.Tensor, op: str) -> None:
-    """A 2-D fp32/fp16/bf16 tensor on a device the kernels can run on."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{op}: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != 2:
-        raise ValueError(f"{op}: expected a 2-D tensor, got shape {tuple(x.shape)}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{op}: expected float32, float16 or bfloat16, got {x.dtype}")
+    """A 2-D fp32/fp16/bf16 tensor (lowbit._inputs' rule) on a device the kernels can run on."""
+    _check_float_matrix(x, op)
     check_device(x, op)
 
 

@@ -6,10 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, INTERPRET, LAUNCH_OPTIONS, _cast_rne, check_device
-
-# |sum of K products of int8 values in [-127, 127]| <= K * 127**2 must fit in int32.
-MAX_INNER_DIM = (2**31 - 1) // 127**2
+from ._common import FLOAT_DTYPES, INTERPRET, LAUNCH_OPTIONS, MAX_INNER_DIM, _cast_rne, check_device
 
 
 def _config(bm, bn, bk, stages, warps, group=8):

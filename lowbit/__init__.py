@@ -6,12 +6,14 @@ training for large-scale vision-language models" (2023).
 """
 
 from lowbit._backend import get_backend, use_backend
+from lowbit.coverage_report import CoverageReport, coverage
 from lowbit.layer_scale import add_layer_scale, zero_init_layer_scale
 from lowbit.monitor import SpikeMonitor
 from lowbit.nn import Float8Linear, SwitchBackLinear
 from lowbit.optim import StableAdamW
 from lowbit.probe import FeatureProbe
-from lowbit.swap import swap, unswap
+from lowbit.registry import layer_names, register_layer
+from lowbit.swap import ALL, swap, unswap
 
 __version__ = "0.1.0"
 
@@ -24,7 +26,12 @@ __all__ = [
     "StableAdamW",
     "SpikeMonitor",
     "swap",
+    "ALL",
+    "layer_names",
+    "register_layer",
     "unswap",
+    "coverage",
+    "CoverageReport",
     "get_backend",
     "use_backend",
 ]

@@ -1,9 +1,12 @@
-"""Which implementation runs an op: Triton kernels or their plain-torch twins.
+"""Which implementation runs an op, for every format: the fast kernels or the plain-torch reference.
 
 `LOWBIT_BACKEND=auto|triton|torch` sets the default; `use_backend(...)` overrides it for a block.
-  auto:   Triton for CUDA tensors, torch everywhere else.
-  triton: Triton always. CPU tensors then need TRITON_INTERPRET=1 (how CI tests the kernels).
-  torch:  the plain-torch reference always.
+  auto:   int8: Triton for CUDA tensors, torch elsewhere. float8: torch._scaled_mm on GPUs with
+          fp8 tensor cores, the simulation elsewhere.
+  triton: int8: Triton always (CPU tensors then need TRITON_INTERPRET=1: how CI tests the kernels).
+          float8: as auto.
+  torch:  the plain-torch reference always (int8's torch twins, float8's simulation), except for a
+          Float8Linear built with simulate=False, which asked for real fp8 by name.
 """
 
 from __future__ import annotations

@@ -1,12 +1,28 @@
-"""Checks and autocast handling shared by every lowbit linear: one place decides what a bad input is."""
+"""Checks, constants and autocast handling shared by every format and by the kernels: one place
+decides what a bad input is. Imports nothing but torch (the kernels import it without Triton's
+compiler, the formats without Triton)."""
 
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# |sum of K products of int8 values in [-127, 127]| <= K * 127**2 must fit in int32.
+MAX_INNER_DIM = (2**31 - 1) // 127**2
+# What the layers take, as nn.Linear does. float64 is quantized by the same rule from its fp32
+# rounding (int8 / fp8 hold less than either), and its outputs and gradients are float64.
+LINEAR_DTYPES = (*FLOAT_DTYPES, torch.float64)
+
+
+class LinearShapeError(ValueError, RuntimeError):
+    """A bad shape for a lowbit linear. Also a RuntimeError, the class F.linear raises for it."""
+
+
+class LinearDtypeError(TypeError, RuntimeError):
+    """A bad dtype for a lowbit linear. Also a RuntimeError, the class F.linear raises for it."""
 
 
 def check_float_matrix(x: torch.Tensor, op: str) -> None:
@@ -33,36 +49,51 @@ def autocast_linear_inputs(
 def check_linear_inputs(
     input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: str
 ) -> None:
-    """Raise a clear error for inputs a lowbit linear does not take (after autocast casting)."""
+    """Raise a clear error for inputs a lowbit linear does not take (after autocast casting).
+
+    Accepted is what F.linear accepts: input (in_features,) or (..., in_features), any size
+    (zero included), float16/bfloat16/float32/float64, weight and bias of the input's dtype.
+    """
     if not isinstance(input, torch.Tensor):
         raise TypeError(f"{layer}: expected a torch.Tensor input, got {type(input).__name__}")
-    if input.dim() < 2:
-        raise ValueError(
-            f"{layer}: expected an input of shape (..., in_features) with at least 2 dims, got "
-            f"{tuple(input.shape)}; add a batch dimension with input.unsqueeze(0)"
-        )
+    if input.dim() < 1:
+        raise LinearShapeError(f"{layer}: expected an input of shape (..., in_features), got a 0-dim tensor")
     if weight.dim() != 2:
-        raise ValueError(f"{layer}: expected a 2-D weight, got shape {tuple(weight.shape)}")
+        raise LinearShapeError(f"{layer}: expected a 2-D weight, got shape {tuple(weight.shape)}")
     if input.shape[-1] != weight.shape[1]:
-        raise ValueError(
-            f"{layer}: input has {input.shape[-1]} features, the layer expects {weight.shape[1]}"
+        raise LinearShapeError(
+            f"{layer}: input of shape {tuple(input.shape)} has {input.shape[-1]} features, the layer "
+            f"expects {weight.shape[1]}"
         )
-    if input.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{layer}: input must be float32, float16 or bfloat16, got {input.dtype}")
-    if weight.dtype != input.dtype:
-        raise TypeError(
-            f"{layer}: input is {input.dtype} but the weight is {weight.dtype}; cast one of them or "
-            f"run under torch.autocast"
+    if input.dtype not in LINEAR_DTYPES:
+        raise LinearDtypeError(
+            f"{layer}: input must be float16, bfloat16, float32 or float64, got {input.dtype}"
+        )
+    if weight.dtype != input.dtype or (bias is not None and bias.dtype != input.dtype):
+        raise LinearDtypeError(
+            f"{layer}: input is {input.dtype} but the weight is {weight.dtype}"
+            + (f" and the bias {bias.dtype}" if bias is not None else "")
+            + "; cast the input or the layer (layer.to(dtype)), or run under torch.autocast"
         )
     if bias is not None and bias.shape != (weight.shape[0],):
-        raise ValueError(f"{layer}: bias of shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
+        raise LinearShapeError(f"{layer}: bias of shape {tuple(bias.shape)}, expected ({weight.shape[0]},)")
     devices = {input.device, weight.device} | ({bias.device} if bias is not None else set())
     if len(devices) != 1:
-        raise ValueError(
+        raise LinearShapeError(
             f"{layer}: input on {input.device} but the weight on {weight.device}"
             + (f" and the bias on {bias.device}" if bias is not None else "")
             + "; move them to one device"
         )
+
+
+def quantizable(x: torch.Tensor) -> torch.Tensor:
+    """x as the quantize ops take it: float64 rounds to float32 first (exact enough for 8 bits)."""
+    return x.float() if x.dtype == torch.float64 else x
+
+
+def matmul_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a low-precision matmul writes for a layer of `dtype` (float64: float32, cast after)."""
+    return torch.float32 if dtype == torch.float64 else dtype
 
 
 def autocast_off(device_type: str):
@@ -72,10 +103,9 @@ def autocast_off(device_type: str):
     return contextlib.nullcontext()
 
 
-def needs_autograd(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    """Whether a linear's output needs a graph: grad mode is on and some operand requires grad."""
-    operands = (input, weight) if bias is None else (input, weight, bias)
-    return torch.is_grad_enabled() and any(t.requires_grad for t in operands)
+def flatten_rows(t: torch.Tensor) -> torch.Tensor:
+    """(..., K) -> (M, K), M the product of the leading dims (0 included, which reshape(-1, K) refuses)."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
 def unflatten_output(out: torch.Tensor, input: torch.Tensor) -> torch.Tensor:

@@ -1,29 +1,5 @@
-"""Configuration of the SwitchBack int8 layers: the options that travel together, checked once."""
+"""Moved to `lowbit.int8.config`; this path is kept for one release."""
 
-from __future__ import annotations
+from lowbit._deprecated import alias
 
-from dataclasses import dataclass
-
-WEIGHT_QUANTS = ("tensor", "row")
-
-
-@dataclass(frozen=True)
-class SwitchBackConfig:
-    """How a SwitchBack layer quantizes.
-
-    Attributes:
-        weight_quant: "tensor" (one absmax for the whole weight: the paper's SwitchBack) or "row"
-            (one absmax per output row in the forward and per input column in grad_input:
-            the paper's "vectorwise" variant).
-        mem_efficient: save int8 x and its row scales for backward instead of x (half the
-            activation memory in bf16); the weight gradient is then taken against the dequantized x.
-    """
-
-    weight_quant: str = "tensor"
-    mem_efficient: bool = False
-
-    def __post_init__(self) -> None:
-        if self.weight_quant not in WEIGHT_QUANTS:
-            raise ValueError(f"weight_quant must be one of {WEIGHT_QUANTS}, got {self.weight_quant!r}")
-        if not isinstance(self.mem_efficient, bool):
-            raise ValueError(f"mem_efficient must be a bool, got {self.mem_efficient!r}")
+alias(__name__, "lowbit.int8.config")

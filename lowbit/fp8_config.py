@@ -1,31 +1,5 @@
-"""Configuration of the float8 layers: the recipe and where the matmuls run, checked once."""
+"""Moved to `lowbit.float8.config`; this path is kept for one release."""
 
-from __future__ import annotations
+from lowbit._deprecated import alias
 
-from dataclasses import dataclass
-
-RECIPES = ("tensorwise", "switchback")
-
-
-@dataclass(frozen=True)
-class Float8Config:
-    """How a Float8Linear casts and multiplies.
-
-    Attributes:
-        recipe: "tensorwise" (one scale per tensor, all three matmuls in fp8: the paper's fp8
-            baseline, which diverges at scale without zero-init layer-scale) or "switchback"
-            (x and grad_output scaled per row, the weight per tensor, the weight gradient in the
-            input's dtype: SwitchBack's split with fp8 instead of int8).
-        simulate: None (real fp8 through torch._scaled_mm on CUDA GPUs with compute capability
-            >= 8.9, simulated elsewhere), True (always simulated: cast to fp8 and back, fp32
-            matmul) or False (always torch._scaled_mm; raises on a device without fp8).
-    """
-
-    recipe: str = "tensorwise"
-    simulate: bool | None = None
-
-    def __post_init__(self) -> None:
-        if self.recipe not in RECIPES:
-            raise ValueError(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
-        if not (self.simulate is None or isinstance(self.simulate, bool)):
-            raise ValueError(f"simulate must be None, True or False, got {self.simulate!r}")
+alias(__name__, "lowbit.float8.config")

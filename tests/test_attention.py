@@ -9,7 +9,7 @@ import lowbit
 from lowbit.nn import LowbitLinear, LowbitMultiheadAttention
 from tests.reference import sqnr_db
 
-SWAP_ALL = {"filter_fn": lambda module, name: True}
+SWAP_ALL = {"filter_fn": lowbit.ALL}
 
 
 class FloatLinear(LowbitLinear):
@@ -90,8 +90,132 @@ def test_switchback_attention_close_to_float():
     assert sqnr_db(ref, out) >= 30
 
 
-def test_unsupported_layouts_are_left_alone():
-    odd = nn.MultiheadAttention(32, 4, kdim=16, vdim=16)
-    with_bias_kv = nn.MultiheadAttention(32, 4, add_bias_kv=True)
-    model = lowbit.swap(nn.ModuleList([odd, with_bias_kv]), **SWAP_ALL)
-    assert model[0] is odd and model[1] is with_bias_kv
+class CountingLinear(FloatLinear):
+    """FloatLinear that counts the matmuls it runs (to see that nothing went around it)."""
+
+    calls = 0
+
+    def linear(self, input, weight, bias):
+        CountingLinear.calls += 1
+        return super().linear(input, weight, bias)
+
+
+LAYOUTS = {
+    "kdim_vdim": dict(kdim=16, vdim=24),
+    "bias_kv": dict(add_bias_kv=True),
+    "zero_attn": dict(add_zero_attn=True),
+    "all": dict(kdim=16, vdim=24, add_bias_kv=True, add_zero_attn=True, bias=False),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_every_layout_is_wrapped_and_matches_torch(layout, need_weights):
+    torch.manual_seed(0)
+    kwargs = LAYOUTS[layout]
+    mha = nn.MultiheadAttention(32, 4, batch_first=True, **kwargs).eval()
+    wrapped = lowbit.swap(nn.ModuleList([mha]), CountingLinear, **SWAP_ALL)[0]
+    assert isinstance(wrapped, nn.MultiheadAttention) and isinstance(wrapped, LowbitMultiheadAttention)
+    for name in ("kdim", "vdim", "bias_k", "bias_v", "add_zero_attn", "_qkv_same_embed_dim", "q_proj_weight"):
+        assert hasattr(wrapped, name)
+    assert wrapped.state_dict().keys() == mha.state_dict().keys()
+    q = torch.randn(2, 5, 32)
+    k = torch.randn(2, 7, kwargs.get("kdim", 32))
+    v = torch.randn(2, 7, kwargs.get("vdim", 32))
+    padding = torch.zeros(2, 7, dtype=torch.bool)
+    padding[0, -2:] = True
+    CountingLinear.calls = 0
+    out, w = wrapped(q, k, v, key_padding_mask=padding, need_weights=need_weights)
+    ref, ref_w = mha(q, k, v, key_padding_mask=padding, need_weights=need_weights)
+    assert CountingLinear.calls == 4  # q, k, v and the output projection
+    assert_same(out, ref)
+    if need_weights:
+        assert_same(w, ref_w)
+    assert lowbit.unswap(nn.ModuleList([wrapped]))[0].__class__ is nn.MultiheadAttention
+
+
+def test_attention_weights_are_returned_after_dropout_as_torch_does():
+    mha = nn.MultiheadAttention(32, 4, dropout=0.5, batch_first=True).train()
+    wrapped = LowbitMultiheadAttention.from_mha(mha, FloatLinear)
+    x = torch.randn(2, 6, 32)
+    torch.manual_seed(1)
+    ref, ref_w = mha(x, x, x, average_attn_weights=False)
+    torch.manual_seed(1)
+    out, w = wrapped(x, x, x, average_attn_weights=False)
+    assert (ref_w == 0).any()  # dropped entries are visible in torch's weights
+    assert_same(w, ref_w)
+    assert_same(out, ref)
+
+
+def test_is_causal_without_a_mask_raises_as_torch_does():
+    mha, wrapped = pair()
+    x = torch.randn(2, 6, 32)
+    with pytest.raises(RuntimeError) as torch_error:
+        mha(x, x, x, is_causal=True)
+    with pytest.raises(RuntimeError) as ours:
+        wrapped(x, x, x, is_causal=True)
+    assert str(ours.value) == str(torch_error.value)
+    padding = torch.zeros(2, 6, dtype=torch.bool)
+    padding[0, -1] = True
+    mask, mask_type = wrapped.merge_masks(None, padding, x)  # inherited, as nn.Transformer* call it
+    ref_mask, ref_type = mha.merge_masks(None, padding, x)
+    assert mask_type == ref_type and torch.equal(mask, ref_mask)
+
+
+@pytest.mark.parametrize("grad", [False, True])
+def test_eval_fast_path_never_runs_a_swapped_attention(grad):
+    mha = nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    wrapped = LowbitMultiheadAttention.from_mha(mha, CountingLinear)
+    x = torch.randn(2, 6, 32)
+    CountingLinear.calls = 0
+    with torch.set_grad_enabled(grad):
+        out, _ = wrapped(x, x, x, need_weights=False)
+        ref, _ = mha(x, x, x, need_weights=False)
+    assert CountingLinear.calls == 2  # packed in_proj + out_proj: the fused kernel did not run
+    assert_same(out, ref)
+
+
+def _encoder_layer(cls=nn.TransformerEncoderLayer):
+    torch.manual_seed(0)
+    return cls(32, 4, dim_feedforward=48, dropout=0.0, batch_first=True).eval()
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("which", ["all", "ffn_only"])
+def test_transformer_encoder_layers_never_take_the_fused_path(grad, which):
+    layer = _encoder_layer()
+    encoder = nn.TransformerEncoder(_encoder_layer(), num_layers=2, enable_nested_tensor=True).eval()
+    x = torch.randn(2, 6, 32)
+    padding = torch.zeros(2, 6, dtype=torch.bool)
+    padding[1, -2:] = True
+    with torch.no_grad():
+        ref_layer = layer(x, src_key_padding_mask=padding)
+    keep = SWAP_ALL["filter_fn"] if which == "all" else (lambda m, n: n.startswith("linear") or ".linear" in n)
+    swapped = lowbit.swap(layer, CountingLinear, filter_fn=keep)
+    swapped_encoder = lowbit.swap(encoder, CountingLinear, filter_fn=keep)
+    assert isinstance(swapped, nn.TransformerEncoderLayer) and type(swapped) is not nn.TransformerEncoderLayer
+    per_layer = 4 if which == "all" else 2
+    CountingLinear.calls = 0
+    with torch.set_grad_enabled(grad):
+        out = swapped(x, src_key_padding_mask=padding)
+    assert CountingLinear.calls == per_layer
+    # torch's own layer in eval takes its fused path, which returns the same numbers here.
+    assert_same(out, ref_layer, atol=1e-4)
+    CountingLinear.calls = 0
+    with torch.set_grad_enabled(grad):
+        encoded = swapped_encoder(x, src_key_padding_mask=padding)
+    assert CountingLinear.calls == 2 * per_layer and not encoded.is_nested
+    restored = lowbit.unswap(swapped_encoder)
+    assert type(restored) is nn.TransformerEncoder and type(restored.layers[0]) is nn.TransformerEncoderLayer
+
+
+def test_transformer_decoder_layer_swapped_in_full():
+    torch.manual_seed(0)
+    layer = nn.TransformerDecoderLayer(32, 4, dim_feedforward=48, dropout=0.0, batch_first=True).eval()
+    x, memory = torch.randn(2, 5, 32), torch.randn(2, 7, 32)
+    ref = layer(x, memory)
+    swapped = lowbit.swap(layer, CountingLinear, **SWAP_ALL)
+    CountingLinear.calls = 0
+    out = swapped(x, memory)
+    assert CountingLinear.calls == 2 + 4 + 2  # self-attention (packed, out), cross (q, k, v, out), FFN
+    assert_same(out, ref, atol=1e-4)

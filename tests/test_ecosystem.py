@@ -9,7 +9,7 @@ from torch import nn
 import lowbit
 from tests.gloo import spawn_on_gloo
 
-SWAP_ALL = {"filter_fn": lambda module, name: True}
+SWAP_ALL = {"filter_fn": lowbit.ALL}
 
 
 class Block(nn.Module):

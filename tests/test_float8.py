@@ -5,9 +5,9 @@ import torch
 from torch import nn
 
 import lowbit
-from lowbit import fp8_ops
-from lowbit.fp8_config import Float8Config
-from lowbit.fp8_functional import float8_linear
+from lowbit.float8 import ops as fp8_ops
+from lowbit.float8.config import Float8Config
+from lowbit.float8.functional import float8_linear
 from lowbit.nn import Float8Linear, LowbitMultiheadAttention
 from tests.fp8_reference import fake_fp8, float8_linear_ref, round_fp8
 from tests.reference import sqnr_db
@@ -58,7 +58,7 @@ def test_matches_fp64_reference(recipe, simulate):
     x, w, b, g = make()
     got = run_layer(x, w, b, g, Float8Config(recipe=recipe, simulate=simulate))
     ref = float8_linear_ref(x, w, b, g, recipe)
-    # The real path's row-wise GEMMs write bfloat16 (see lowbit.fp8_ops): about 50 dB then.
+    # The real path's row-wise GEMMs write bfloat16 (see lowbit.float8.ops): about 50 dB then.
     floor = 45 if (not simulate and recipe == "switchback") else 50
     for name, r, y in zip(NAMES, ref, got):
         assert y.dtype == torch.float32
@@ -222,9 +222,9 @@ def test_layer_options_and_repr():
 
 def test_bad_inputs_get_clear_errors(monkeypatch):
     layer = Float8Linear(8, 4)
-    with pytest.raises(ValueError, match="at least 2 dims"):
-        layer(torch.randn(8))
-    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+    with pytest.raises(ValueError, match="0-dim"):
+        layer(torch.tensor(1.0))
+    with pytest.raises(TypeError, match="float16, bfloat16, float32 or float64"):
         layer(torch.ones(2, 8, dtype=torch.int64))
     with pytest.raises(TypeError, match="weight is torch.float32"):
         layer(torch.randn(2, 8, dtype=torch.bfloat16))
@@ -268,7 +268,7 @@ def test_swap_and_unswap(name):
     keys = list(model.state_dict())
     params = {n: p for n, p in model.named_parameters()}
 
-    lowbit.swap(model, name, filter_fn=lambda m, n: True, simulate=True)
+    lowbit.swap(model, name, filter_fn=lowbit.ALL, simulate=True)
     assert isinstance(model.fc1, Float8Linear) and isinstance(model.attn, LowbitMultiheadAttention)
     assert isinstance(model.attn.out_proj, Float8Linear)
     assert model.fc1.config.recipe == name.removeprefix("fp8-")
@@ -337,3 +337,22 @@ def test_torch_compile_fullgraph(recipe):
     out = torch.compile(layer, backend="aot_eager", fullgraph=True)(x)
     out.sum().backward()
     assert torch.equal(out, ref) and torch.equal(x.grad, grad_ref)
+
+
+def test_the_backend_switch_forces_the_fp8_simulation(monkeypatch):
+    from lowbit.float8 import ops as fp8_ops
+
+    monkeypatch.setattr(fp8_ops, "fp8_matmul_unavailable_reason", lambda device: None)  # as on an H100
+    cuda = torch.device("cuda")
+    assert fp8_ops.use_scaled_mm(None, cuda)
+    with lowbit.use_backend("torch"):
+        assert not fp8_ops.use_scaled_mm(None, cuda)
+        assert fp8_ops.use_scaled_mm(False, cuda)  # asked for by name
+
+
+def test_recipes_are_presets_over_per_operand_scaling():
+    def operands(config):
+        return config.activation_scaling, config.weight_scaling, config.grad_weight
+
+    assert operands(Float8Config(recipe="tensorwise")) == ("tensor", "tensor", "fp8")
+    assert operands(Float8Config(recipe="switchback")) == ("row", "tensor", "high")

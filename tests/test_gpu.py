@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import lowbit
-from lowbit.config import SwitchBackConfig
-from lowbit.functional import switchback_linear
+from lowbit.int8.config import SwitchBackConfig
+from lowbit.int8.functional import switchback_linear
 from tests.reference import dequantize_ref, quantize_ref, sqnr_db
 
 pytestmark = pytest.mark.gpu
@@ -60,7 +60,7 @@ def test_compiled_model_with_triton_kernels():
     torch.manual_seed(0)
     model = lowbit.swap(
         nn.Sequential(nn.Linear(512, 2048), nn.GELU(), nn.Linear(2048, 512)).cuda().bfloat16(),
-        filter_fn=lambda m, n: True,
+        filter_fn=lowbit.ALL,
     )
     x = torch.randn(8, 128, 512, device="cuda", dtype=torch.bfloat16)
     eager = model(x)
@@ -85,7 +85,7 @@ def test_fsdp2_fully_shard_matches_unsharded():
         def build():
             torch.manual_seed(0)
             blocks = [nn.Sequential(nn.Linear(768, 3072), nn.GELU(), nn.Linear(3072, 768)) for _ in range(2)]
-            return lowbit.swap(nn.Sequential(*blocks).cuda(), filter_fn=lambda m, n: True)
+            return lowbit.swap(nn.Sequential(*blocks).cuda(), filter_fn=lowbit.ALL)
 
         plain, sharded = build(), build()
         for block in sharded:

@@ -10,7 +10,7 @@ import itertools
 import pytest
 import torch
 
-from lowbit import ops
+from lowbit.int8 import ops
 from lowbit._backend import use_backend
 
 # M, K, N from 1 and odd sizes (and one 8-aligned size), every combination that holds at least one 1.

@@ -124,7 +124,7 @@ def test_open_clip_clip_both_towers_and_fp8_swap():
     names = [n for n, _ in lowbit.layer_scale.layer_scale_modules(model)]
     assert len(names) == 8
     assert any(n.startswith("visual.") for n in names) and any(n.startswith("transformer.") for n in names)
-    lowbit.swap(model, "fp8-tensorwise", filter_fn=lambda m, n: True, simulate=True)
+    lowbit.swap(model, "fp8-tensorwise", filter_fn=lowbit.ALL, simulate=True)
     image, text = torch.randn(2, 3, 32, 32), torch.randint(0, 64, (2, 8))
     image_features, text_features, _ = model(image, text)
     (image_features @ text_features.T).sum().backward()

@@ -2,6 +2,7 @@
 
 import copy
 import io
+import logging
 
 import pytest
 import torch
@@ -126,7 +127,8 @@ def test_timm_vit_default_filter(name):
 
 def test_filter_fn_class_and_kwargs():
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=5)
-    assert counts(lowbit.swap(copy.deepcopy(model))) == (0, 0)  # 192 wide: all below MIN_FEATURES
+    with pytest.warns(UserWarning, match="converted no layer: .* narrower than MIN_FEATURES"):
+        assert counts(lowbit.swap(copy.deepcopy(model))) == (0, 0)  # 192 wide: all below MIN_FEATURES
     swapped = lowbit.swap(model, SwitchBackLinear, filter_fn=lambda m, n: "mlp" in n, weight_quant="row")
     layers = [m for m in swapped.modules() if isinstance(m, SwitchBackLinear)]
     assert len(layers) == 24 and all(m.config.weight_quant == "row" for m in layers)
@@ -140,9 +142,9 @@ def test_filter_fn_class_and_kwargs():
 
 def test_root_linear_and_idempotence():
     layer = nn.Linear(16, 8)
-    swapped = lowbit.swap(layer, filter_fn=lambda m, n: True)
+    swapped = lowbit.swap(layer, filter_fn=lowbit.ALL)
     assert isinstance(swapped, SwitchBackLinear) and swapped.weight is layer.weight
-    again = lowbit.swap(nn.Sequential(swapped), filter_fn=lambda m, n: True)
+    again = lowbit.swap(nn.Sequential(swapped), filter_fn=lowbit.ALL)
     assert again[0] is swapped  # already-swapped layers are left alone
     restored = lowbit.unswap(swapped)
     assert type(restored) is nn.Linear and restored.weight is layer.weight and restored.bias is layer.bias
@@ -165,7 +167,7 @@ def test_swapped_modules_do_not_keep_replaced_weights_alive(wrap):
         model[0].tag = "kept"
     else:
         model = nn.Sequential(nn.MultiheadAttention(16, 2))
-    lowbit.swap(model, filter_fn=lambda m, n: True)
+    lowbit.swap(model, filter_fn=lowbit.ALL)
     old = {name: weakref.ref(p) for name, p in model.named_parameters()}
     for module in model.modules():  # what fully_shard does, one Parameter at a time
         for name, param in list(module._parameters.items()):
@@ -182,3 +184,44 @@ def test_swapped_modules_do_not_keep_replaced_weights_alive(wrap):
         assert type(model[0]) is nn.MultiheadAttention
     new = dict(model.named_parameters())
     assert set(new) == set(old) and all(p.grad is None for p in new.values())
+
+
+def test_swap_to_another_format_retargets_every_layer():
+    model = nn.Sequential(nn.Linear(16, 16), nn.MultiheadAttention(16, 2, batch_first=True))
+    lowbit.swap(model, "switchback", filter_fn=lowbit.ALL)
+    lowbit.swap(model, "fp8-tensorwise", filter_fn=lowbit.ALL, simulate=True)
+    from lowbit.nn import Float8Linear
+
+    assert isinstance(model[0], Float8Linear) and isinstance(model[1].out_proj, Float8Linear)
+    assert model[0].config.recipe == "tensorwise"
+    lowbit.swap(model, "switchback-row", filter_fn=lowbit.ALL)
+    assert isinstance(model[0], SwitchBackLinear) and model[0].config.weight_quant == "row"
+    lowbit.unswap(model)
+    assert type(model[0]) is nn.Linear and type(model[1]) is nn.MultiheadAttention
+    assert type(model[1].out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+
+
+def test_swap_reports_what_it_did(caplog):
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 600), nn.Linear(600, 600))
+    with caplog.at_level(logging.INFO, logger="lowbit.swap"):
+        lowbit.swap(model)
+    assert "1 swapped" in caplog.text and "2 narrower than MIN_FEATURES=512" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="lowbit.swap"):
+        lowbit.swap(model, filter_fn=lowbit.ALL)
+    assert "2 swapped, 1 already" in caplog.text
+    with pytest.warns(UserWarning, match="converted no layer: .*no nn.Linear"):
+        lowbit.swap(nn.Sequential(nn.ReLU()))
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_torchscript_is_refused_both_ways():
+    scripted = torch.jit.script(nn.Sequential(nn.Linear(8, 8)))
+    with pytest.raises(TypeError, match="swap the Python module"):
+        lowbit.swap(scripted, filter_fn=lowbit.ALL)
+    holder = nn.Sequential(scripted, nn.Linear(8, 8))
+    with pytest.warns(UserWarning, match=r"left TorchScript submodules as they are .*: 0;"):
+        lowbit.swap(holder, filter_fn=lowbit.ALL)
+    assert isinstance(holder[1], SwitchBackLinear)
+    with pytest.raises(TypeError, match="TorchScript cannot compile"):
+        torch.jit.script(lowbit.swap(nn.Sequential(nn.Linear(8, 8)), filter_fn=lowbit.ALL))

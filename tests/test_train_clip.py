@@ -120,8 +120,8 @@ def test_csv_errors(tmp_path: Path, image_csv: Path):
     # A comma file read with the default tab separator: one column, named in the message.
     with pytest.raises(ValueError, match="no column 'filepath'.*--csv-separator"):
         clip_data.CsvDataset(_write(tmp_path / "c.csv", "filepath,title\na.png,x\n"), _transform)
-    # The script surfaces the same errors.
-    with pytest.raises(FileNotFoundError, match="no such file"):
+    # The script surfaces the same errors, as a UsageError (one line and exit status 2 from the command line).
+    with pytest.raises(train_clip.UsageError, match="no such file"):
         train_clip.main(["--train-data", str(tmp_path / "missing.tsv"), "--out", str(tmp_path / "run"), *TINY])
 
 
@@ -256,7 +256,7 @@ def test_short_run_writes_summary(tmp_path: Path, precision: str):
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2
 
 
-def test_run_on_files_with_adamw_layer_scale_and_plots(tmp_path: Path, image_csv: Path):
+def test_run_on_files_with_adamw_layer_scale_and_plots(tmp_path: Path, image_csv: Path, capsys):
     zeroshot = tmp_path / "zs"
     for name, color in (("red_thing", (255, 0, 0)), ("green_thing", (0, 255, 0))):
         (zeroshot / name).mkdir(parents=True)
@@ -284,6 +284,12 @@ def test_run_on_files_with_adamw_layer_scale_and_plots(tmp_path: Path, image_csv
             ]
         )
     assert summary["zero_shot_classes"] == 2 and summary["zero_shot_images"] == 2
+    # Which set and templates: the default photo ones, with how to pass templates that match the captions.
+    assert summary["zero_shot_set"] == str(zeroshot)
+    assert summary["zero_shot_templates"] == list(train_clip.clip_eval.DEFAULT_TEMPLATES)
+    printed = capsys.readouterr().out
+    assert f"zero-shot: 2 classes, 2 images from {zeroshot}; templates ['a photo of a {{}}.'" in printed
+    assert "the default photo templates" in printed and "--zeroshot-templates" in printed
     assert summary["skipped_images"] >= 1  # the broken row of the CSV
     assert summary["retrieval"]["pairs"] == 4
     assert (tmp_path / "run" / "loss.png").exists() and (tmp_path / "run" / "spikes.png").exists()

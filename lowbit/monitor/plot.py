@@ -14,6 +14,16 @@ from pathlib import Path
 import numpy as np
 
 
+def label_rows(n_layers: int, spike_rows: set[int], every: int) -> list[int]:
+    """The heat-map rows to label: every row holding a spike, and every `every`-th row not within
+    `every` rows of one (so labels do not collide)."""
+    rows = set(spike_rows)
+    for i in range(0, n_layers, every):
+        if all(abs(i - s) >= every for s in spike_rows):
+            rows.add(i)
+    return sorted(rows)
+
+
 def plot_spikes(
     path: str | os.PathLike,
     *,
@@ -156,9 +166,16 @@ def plot_spikes(
     flagged = {e["step"] for e in spikes + nonfinite}
     for step in sorted(s for s in flagged if s - 1 not in flagged):
         ax_rms.axvline(step, color="tab:red", lw=0.9, ls="--", alpha=0.8, zorder=3)
-    every = max(1, math.ceil(n_layers / 40))  # keep the labels legible on big models
-    ax_rms.set_yticks(range(0, n_layers, every))
-    ax_rms.set_yticklabels([layer_names[i] for i in range(0, n_layers, every)], fontsize=7)
+    # Every row while the labels fit (7 pt text, heat_h inches for n_layers rows), else every
+    # `every`-th; a row that holds an RMS spike is always labelled (in red), its neighbours then not.
+    every = max(1, math.ceil(n_layers * 8.5 / (heat_h * 72)))
+    spike_rows = {row[e["layer"]] for e in rms_events if e["layer"] in row}
+    labelled = label_rows(n_layers, spike_rows, every)
+    ax_rms.set_yticks(labelled)
+    ax_rms.set_yticklabels([layer_names[i] for i in labelled], fontsize=7)
+    for i, label in zip(labelled, ax_rms.get_yticklabels()):
+        if i in spike_rows:
+            label.set_color("tab:red")
     ax_rms.set_ylim(n_layers - 0.5, -0.5)
     ax_rms.set_xlabel("step")
     ax_rms.set_ylabel("layer")

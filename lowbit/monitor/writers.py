@@ -19,12 +19,13 @@ write again, are dropped, so the file ends up as an unbroken run's.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import warnings
 from typing import Any
+
+from lowbit.io import atomic_path
 
 JSONL_MODES = ("w", "a")
 
@@ -75,20 +76,17 @@ class JsonlWriter:
             return
         self._file.close()
         self._file = None
-        tmp = os.path.join(self._parent, f".{os.path.basename(self.path)}.tmp{os.getpid()}")
         try:
             # Line by line from the old file into the new one: a long run's log never sits in memory.
-            with open(self.path, encoding="utf-8") as src, open(tmp, "w", encoding="utf-8") as dst:
-                for line in src:
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue
-                    if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
-                        dst.write(line if line.endswith("\n") else line + "\n")
-                dst.flush()
-                os.fsync(dst.fileno())
-            os.replace(tmp, self.path)
+            with atomic_path(self.path) as tmp:
+                with open(self.path, encoding="utf-8") as src, open(tmp, "w", encoding="utf-8") as dst:
+                    for line in src:
+                        try:
+                            record = json.loads(line)
+                        except json.JSONDecodeError:
+                            continue
+                        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                            dst.write(line if line.endswith("\n") else line + "\n")
             self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         except OSError as err:
             warnings.warn(
@@ -96,8 +94,6 @@ class JsonlWriter:
                 RuntimeWarning,
                 stacklevel=2,
             )
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
 
     def write(self, record: dict) -> None:
         if self._file is None:

@@ -23,6 +23,14 @@ def stash_without_parameters(module: nn.Module) -> nn.Module:
     return stash
 
 
+def refuse_torchscript(module: nn.Module):
+    raise TypeError(
+        f"torch.jit.script: {type(module).__name__} runs a custom autograd Function (and Triton kernels on "
+        "CUDA), which TorchScript cannot compile. Use torch.compile or torch.export for a swapped model, "
+        "or lowbit.unswap(model) before scripting."
+    )
+
+
 class LowbitLinear(nn.Linear):
     """An nn.Linear (isinstance checks, init and state_dict behave as for nn.Linear) whose forward
     runs `self.linear(input, self.weight, self.bias)`.
@@ -36,6 +44,9 @@ class LowbitLinear(nn.Linear):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return self.linear(input, self.weight, self.bias)
+
+    # torch.jit.script calls this on every module it is about to compile.
+    __prepare_scriptable__ = refuse_torchscript
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs) -> LowbitLinear:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.fp8_config import Float8Config
-from lowbit.fp8_functional import float8_linear
+from lowbit.float8.config import Float8Config
+from lowbit.float8.functional import float8_linear
 from lowbit.nn.base import LowbitLinear
+from lowbit.registry import register_layer
 
 
 class Float8Linear(LowbitLinear):
@@ -43,3 +44,10 @@ class Float8Linear(LowbitLinear):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, recipe={self.config.recipe!r}, simulate={self.config.simulate}"
+
+
+register_layer("fp8-tensorwise", Float8Linear, "fp8 in all three matmuls, one scale per tensor", recipe="tensorwise")
+register_layer(
+    "fp8-switchback", Float8Linear, "fp8 forward and grad-input, rows of x and g scaled, high-precision grad_weight",
+    recipe="switchback",
+)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 import lowbit
-from lowbit import ops
+from lowbit.int8 import ops
 from tests.reference import quantize_ref
 
 # Compiled kernels on a GPU; on CPU tensors through Triton's interpreter (tests/conftest.py sets
@@ -15,13 +15,13 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def twin(op: str, *args, **kwargs):
-    """The plain-torch twin of `op` in lowbit.ops (the contract)."""
+    """The plain-torch twin of `op` in lowbit.int8.ops (the contract)."""
     with lowbit.use_backend("torch"):
         return getattr(ops, op)(*args, **kwargs)
 
 
 def via_ops(op: str, *args, **kwargs):
-    """`op` dispatched by lowbit.ops to its Triton kernel."""
+    """`op` dispatched by lowbit.int8.ops to its Triton kernel."""
     with lowbit.use_backend("triton"):
         return getattr(ops, op)(*args, **kwargs)
 

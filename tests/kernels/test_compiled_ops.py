@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import lowbit
-from lowbit import _compiled_ops
+from lowbit.int8 import _compiled_ops
 from tests.kernels._utils import DEVICE, assert_bitwise_equal
 
 
@@ -52,7 +52,7 @@ def test_swapped_block_compiles_without_graph_breaks_on_the_kernels(to):
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = lowbit.swap(
-        nn.Sequential(nn.Linear(40, 72), nn.GELU(), nn.Linear(72, 40)).to(DEVICE), to, filter_fn=lambda m, n: True
+        nn.Sequential(nn.Linear(40, 72), nn.GELU(), nn.Linear(72, 40)).to(DEVICE), to, filter_fn=lowbit.ALL
     )
     x = torch.randn(3, 17, 40, device=DEVICE, requires_grad=True)
     with lowbit.use_backend("triton"):
