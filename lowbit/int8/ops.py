@@ -119,11 +119,19 @@ def dequantize_rowwise(q: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype
 
 
 def _int_mm_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """int8 (M, K) @ int8 (K, N) -> exact int32 (M, N)."""
+    """int8 (M, K) @ int8 (K, N) -> exact int32 (M, N), for any strides and any torch >= the floor."""
     m, k = a.shape
     n = b.shape[1]
     if m == 0 or n == 0 or k == 0:
         return torch.zeros(m, n, dtype=torch.int32, device=a.device)
+    if 1 in (m, k, n):
+        # A size-1 dimension makes an outer product or a matrix-vector product, whose M * K * N
+        # products are no more than the larger operand or the output. Summed as integers here,
+        # never through an int8 GEMM: `.contiguous()` keeps whatever stride a size-1 dimension
+        # has (w_int8.t() of shape (1, N) keeps strides (1, 1)), and GEMMs that read the
+        # leading dimension from those strides can sum the wrong elements.
+        prod = a.to(torch.int32).unsqueeze(2) * b.to(torch.int32).unsqueeze(0)
+        return prod.sum(1, dtype=torch.int64).to(torch.int32)
     # CUDA's int8 GEMM needs M > 16 and K, N multiples of 8; the CPU one takes any shape.
     if not a.is_cuda or (m > 16 and k % 8 == 0 and n % 8 == 0):
         return torch._int_mm(a.contiguous(), b.contiguous())
