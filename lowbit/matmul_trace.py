@@ -6,7 +6,8 @@ ops whose every input is derived from that weight (casts, views, transposes, the
 tagged with the weight's name; int8 / float8 tensors, and tensors derived from one of them by such
 ops (a simulated fp8 operand cast back to fp32), are tagged with their format. A matmul (mm, addmm,
 bmm, baddbmm, _int_mm, _scaled_mm, or a convolution with a 1x1 kernel and groups=1) with a tagged
-weight operand is a linear-like matmul of that weight; it ran in low precision when both operands
+weight operand is a linear-like matmul of that weight (forward and grad_input; grad_weight = g.T @ x
+has no weight operand and is not counted); it ran in low precision when both operands
 are int8 / float8 or tagged as such. Other convolutions are counted apart (`other_conv_flops`).
 
 Tagged tensors are kept alive while tracing so that their storage (the tag's key) is not reused.
@@ -104,10 +105,10 @@ class MatmulTrace(TorchDispatchMode):
             groups, mask = args[9], args[10]
             flops = 2.0 * grad.numel() * (w.shape[1] * math.prod(w.shape[2:]))
             name = self._weight_of(w)
-            for needed in mask[:2]:  # grad_input, grad_weight
-                if needed and name is not None and groups == 1 and all(k == 1 for k in w.shape[2:]):
+            if mask[0]:  # grad_input is against the weight; grad_weight is not (as for mm)
+                if name is not None and groups == 1 and all(k == 1 for k in w.shape[2:]):
                     self._count(name, grad, w, flops)
-                elif needed:
+                else:
                     self.other_conv_flops += flops
             return True
         else:
