@@ -4,9 +4,10 @@ Each launcher matches the torch twin of the same name in `lowbit.int8.ops` bit f
 On CPU tensors they run under Triton's interpreter (TRITON_INTERPRET=1, set before importing triton).
 
 This folder is the package `lowbit.kernels`. Imported as a top-level `kernels` (the repository
-root is on sys.path, e.g. a script run from it), it steps aside: the import resolves to another
-package named `kernels` if one is installed, and fails as a missing module otherwise, so it can
-never shadow one (bitsandbytes, for one, looks for Hugging Face's `kernels`).
+root is on sys.path, e.g. `python -m pytest` from it), it steps aside: the import resolves to
+another package named `kernels` if one is installed (bitsandbytes and transformers look for Hugging
+Face's), and otherwise to this empty module, with no version and no attributes, which both read as
+"not installed" (an ImportError here would escape transformers' availability check).
 """
 
 if __name__ == "kernels":
@@ -18,11 +19,10 @@ if __name__ == "kernels":
     _root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     _elsewhere = [p for p in sys.path if os.path.abspath(p or os.getcwd()) != _root]
     _spec = importlib.machinery.PathFinder.find_spec("kernels", _elsewhere)
-    if _spec is None:
-        del sys.modules["kernels"]
-        raise ModuleNotFoundError("No module named 'kernels'", name="kernels")
-    sys.modules["kernels"] = importlib.util.module_from_spec(_spec)  # what `import kernels` returns
-    _spec.loader.exec_module(sys.modules["kernels"])
+    if _spec is not None:
+        sys.modules["kernels"] = importlib.util.module_from_spec(_spec)  # what `import kernels` returns
+        _spec.loader.exec_module(sys.modules["kernels"])
+    del _root, _elsewhere, _spec, importlib, os, sys
 else:
     from lowbit.kernels._api import *  # noqa: F403
     from lowbit.kernels._api import __all__  # noqa: F401

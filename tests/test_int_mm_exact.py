@@ -10,8 +10,8 @@ import itertools
 import pytest
 import torch
 
-from lowbit.int8 import ops
 from lowbit._backend import use_backend
+from lowbit.int8 import ops
 
 # M, K, N from 1 and odd sizes (and one 8-aligned size), every combination that holds at least one 1.
 SIZES = (1, 3, 8, 17, 33)

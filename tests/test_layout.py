@@ -37,11 +37,24 @@ def test_the_repository_kernels_folder_never_shadows_a_kernels_package(tmp_path)
 
     root = Path(__file__).resolve().parents[1]
     probe = "import kernels; print(kernels.WHO)"
-    missing = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True)
-    assert "ModuleNotFoundError: No module named 'kernels'" in missing.stderr
+    alone = "import kernels; print(sorted(k for k in vars(kernels) if not k.startswith('__')))"
+    missing = subprocess.run([sys.executable, "-c", alone], cwd=root, capture_output=True, text=True)
+    assert missing.stdout.strip() == "[]", missing.stderr  # nothing to mistake for a kernels package
     other = tmp_path / "site" / "kernels"
     other.mkdir(parents=True)
     (other / "__init__.py").write_text("WHO = 'the other one'\n")
     env = {"PYTHONPATH": f"{root}{__import__('os').pathsep}{other.parent}"}
     found = subprocess.run([sys.executable, "-c", probe], cwd=root, capture_output=True, text=True, env=env)
     assert found.stdout.strip() == "the other one", found.stderr
+
+
+def test_transformers_imports_with_the_repository_root_on_sys_path():
+    """transformers imports `kernels` to check for Hugging Face's package; ours must read as absent."""
+    import subprocess
+    from pathlib import Path
+
+    pytest.importorskip("transformers")
+    root = Path(__file__).resolve().parents[1]
+    code = "from transformers.utils import is_kernels_available; print(is_kernels_available())"
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip().endswith("False"), done.stderr[-2000:]

@@ -33,7 +33,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 import lowbit
 import lowbit.nn
 from lowbit.nn import LowbitLinear, LowbitMultiheadAttention
-from lowbit.swap import LAYER_NAMES
+from lowbit.registry import layer_spec
 
 MODULE_CLASSES = {
     "nn.Linear": nn.Linear,
@@ -358,8 +358,8 @@ def _assert_params_are(module, device, dtype):
 def test_factory_kwargs_linear(variant, dtype, device):
     """The layer class built directly with device/dtype, as nn.Linear(..., device=, dtype=)."""
     _, options = VARIANTS[variant]
-    class_name, kwargs = LAYER_NAMES[variant]
-    cls, kwargs = getattr(lowbit.nn, class_name), {**kwargs, **options}
+    spec = layer_spec(variant)
+    cls, kwargs = spec.cls, spec.build_kwargs(**options)
     layer = cls(5, 3, True, device=device, dtype=dtype, **kwargs)
     _assert_params_are(layer, device, dtype)
     assert layer.weight.shape == (3, 5) and layer.bias.shape == (3,)
