@@ -135,7 +135,7 @@ def log_coverage(model: nn.Module) -> None:
     try:
         logger.info(f"lowbit: coverage {coverage(model)}")
     except Exception as error:  # its API is another module's: report, do not stop the run
-        logger.warning(f"lowbit: lowbit.coverage(model) failed ({type(error).__name__}: {error}); FLOP share not logged")
+        logger.warning(f"lowbit: lowbit.coverage(model) failed, FLOP share not logged: {type(error).__name__}: {error}")
 
 
 class _LossTap:
