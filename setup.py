@@ -6,10 +6,14 @@ so there is one import root and no clash with other packages named `kernels`.
 
 from setuptools import setup
 
-CLIP = ["open_clip_torch>=2.24", "timm>=0.9"]
+# open_clip_train (python -m lowbit.open_clip_train) imports braceexpand, webdataset and pandas at the top
+# of its data module; fsspec comes with huggingface-hub, which open_clip_torch requires.
+CLIP = ["open_clip_torch>=2.24", "timm>=0.9", "braceexpand", "webdataset", "pandas"]
+# lowbit.integrations.transformers (tested with transformers 5.24 only); the Trainer needs accelerate.
+HF = ["transformers>=4.45", "accelerate>=0.26"]
 # Peers the benchmarks compare against; any that is missing is reported as skipped.
 BENCH = ["bitsandbytes>=0.43", "torchao>=0.7", "torch-optimi>=0.2", "pytorch_optimizer>=3.0", "matplotlib>=3.7"]
-DEV = CLIP + BENCH + ["pytest>=7", "tensorboard>=2.14", "ruff>=0.4"]
+DEV = CLIP + BENCH + HF + ["pytest>=7", "tensorboard>=2.14", "ruff>=0.4"]
 
 setup(
     name="lowbit",
@@ -19,13 +23,14 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["lowbit", "lowbit.int8", "lowbit.float8", "lowbit.nn", "lowbit.optim", "lowbit.monitor", "lowbit.kernels"],
+    packages=["lowbit", "lowbit.int8", "lowbit.float8", "lowbit.nn", "lowbit.optim", "lowbit.monitor", "lowbit.kernels",
+              "lowbit.integrations"],
     package_dir={"lowbit": "lowbit", "lowbit.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0; platform_system == 'Linux'",
         "numpy",
     ],
-    extras_require={"clip": CLIP, "bench": BENCH, "dev": DEV},
+    extras_require={"clip": CLIP, "bench": BENCH, "hf": HF, "dev": DEV},
     license="MIT",
 )

@@ -55,18 +55,33 @@ def build_parser() -> argparse.ArgumentParser:
         description="open_clip_train with lowbit layers, StableAdamW and the SpikeMonitor; every other "
         "flag goes to open_clip_train.",
     )
-    parser.add_argument("--lowbit-precision", choices=lowbit.layer_names(), default=None,
-                        help="swap the model's linear / attention layers for this lowbit layer")
-    parser.add_argument("--lowbit-filter", choices=sorted(FILTERS), default="default",
-                        help="which layers to swap: 'default' (lowbit.swap's default_filter) or 'all'")
-    parser.add_argument("--lowbit-optimizer", choices=["stableadamw"], default=None,
-                        help="replace open_clip's AdamW by lowbit.StableAdamW (same groups, lr schedule)")
-    parser.add_argument("--lowbit-clip-threshold", type=float, default=1.0,
-                        help="StableAdamW's clip_threshold")
-    parser.add_argument("--lowbit-monitor", action="store_true",
-                        help=f"run lowbit.SpikeMonitor; JSONL and plot in open_clip's log folder ({MONITOR_JSONL})")
-    parser.add_argument("--lowbit-monitor-action", choices=ACTIONS, default="log",
-                        help="what the monitor does on a loss spike")
+    parser.add_argument(
+        "--lowbit-precision",
+        choices=lowbit.layer_names(),
+        default=None,
+        help="swap the model's linear / attention layers for this lowbit layer",
+    )
+    parser.add_argument(
+        "--lowbit-filter",
+        choices=sorted(FILTERS),
+        default="default",
+        help="which layers to swap: 'default' (lowbit.swap's default_filter) or 'all'",
+    )
+    parser.add_argument(
+        "--lowbit-optimizer",
+        choices=["stableadamw"],
+        default=None,
+        help="replace open_clip's AdamW by lowbit.StableAdamW (same groups, lr schedule)",
+    )
+    parser.add_argument("--lowbit-clip-threshold", type=float, default=1.0, help="StableAdamW's clip_threshold")
+    parser.add_argument(
+        "--lowbit-monitor",
+        action="store_true",
+        help=f"run lowbit.SpikeMonitor; JSONL and plot in open_clip's log folder ({MONITOR_JSONL})",
+    )
+    parser.add_argument(
+        "--lowbit-monitor-action", choices=ACTIONS, default="log", help="what the monitor does on a loss spike"
+    )
     return parser
 
 
@@ -176,8 +191,9 @@ class _Run:
 
         version = _open_clip_version()
         if version != OPEN_CLIP_VERSION:
-            logger.warning(f"lowbit.open_clip_train was written against open_clip_torch {OPEN_CLIP_VERSION}, "
-                           f"this is {version}")
+            logger.warning(
+                f"lowbit.open_clip_train was written against open_clip_torch {OPEN_CLIP_VERSION}, this is {version}"
+            )
         self.open_clip_main = oc_main.main
         replaced = {
             "create_model_and_transforms": self.wrap_create_model(oc_main.create_model_and_transforms),
@@ -233,16 +249,28 @@ class _Run:
         return pt_load
 
     def wrap_train_one_epoch(self, train_one_epoch):
-        def train_one_epoch_monitored(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args,
-                                      tb_writer=None):
+        def train_one_epoch_monitored(
+            model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, tb_writer=None
+        ):
             if not self.options.lowbit_monitor:
-                return train_one_epoch(model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args,
-                                       tb_writer=tb_writer)
+                return train_one_epoch(
+                    model, data, loss, epoch, optimizer, scaler, scheduler, dist_model, args, tb_writer=tb_writer
+                )
             if self.monitor is None:
                 self.start_monitor(model, optimizer, args)
             try:
-                return train_one_epoch(model, data, _LossTap(loss, self), epoch, optimizer, scaler, scheduler,
-                                       dist_model, args, tb_writer=tb_writer)
+                return train_one_epoch(
+                    model,
+                    data,
+                    _LossTap(loss, self),
+                    epoch,
+                    optimizer,
+                    scaler,
+                    scheduler,
+                    dist_model,
+                    args,
+                    tb_writer=tb_writer,
+                )
             finally:
                 self.flush_skipped_step()
                 self.monitor.sync()
@@ -267,7 +295,10 @@ class _Run:
         self.busy = True
         try:
             self.monitor = lowbit.SpikeMonitor(
-                _unwrap(model), optimizer, action=self.options.lowbit_monitor_action, jsonl=jsonl,
+                _unwrap(model),
+                optimizer,
+                action=self.options.lowbit_monitor_action,
+                jsonl=jsonl,
                 jsonl_mode="a" if self.monitor_state is not None else "w",
             )
             if self.monitor_state is not None:
@@ -279,8 +310,10 @@ class _Run:
         self.hooks.append(optimizer.register_step_post_hook(self.after_optimizer_step))
         self.hooks.append(optimizer.register_state_dict_post_hook(self.add_monitor_state))
         resumed = f", resumed at step {self.monitor.step_count}" if self.monitor_state is not None else ""
-        logger.info(f"lowbit: SpikeMonitor(action={self.options.lowbit_monitor_action!r}) on "
-                    f"{len(self.monitor.layer_names)} parameters, JSONL {jsonl}{resumed}")
+        logger.info(
+            f"lowbit: SpikeMonitor(action={self.options.lowbit_monitor_action!r}) on "
+            f"{len(self.monitor.layer_names)} parameters, JSONL {jsonl}{resumed}"
+        )
 
     def saw_loss(self, loss: torch.Tensor) -> None:
         # Each optimizer step sees accum_freq loss calls; one more means the last step did not happen
@@ -310,8 +343,10 @@ class _Run:
         self.busy = True
         try:
             for event in self.monitor.step(loss):
-                logger.warning(f"lowbit: SpikeMonitor {event['kind']} at step {event['step']} "
-                               f"(value {event['value']}), action {event['action']}")
+                logger.warning(
+                    f"lowbit: SpikeMonitor {event['kind']} at step {event['step']} "
+                    f"(value {event['value']}), action {event['action']}"
+                )
         finally:
             self.busy = False
 

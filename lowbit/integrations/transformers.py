@@ -43,8 +43,9 @@ class SpikeMonitorCallback(TrainerCallback):
         **monitor_kwargs: for `lowbit.SpikeMonitor` (jsonl=, action=, ...).
     """
 
-    def __init__(self, *, resume_from: str | os.PathLike | None = None, plot: str | os.PathLike | None = None,
-                 **monitor_kwargs) -> None:
+    def __init__(
+        self, *, resume_from: str | os.PathLike | None = None, plot: str | os.PathLike | None = None, **monitor_kwargs
+    ) -> None:
         self.resume_from = Path(resume_from) if resume_from is not None else None
         self.plot_path = plot
         self.monitor_kwargs = monitor_kwargs
@@ -80,13 +81,17 @@ class SpikeMonitorCallback(TrainerCallback):
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         if self.step_loss is None:
-            logger.warning("lowbit: no loss seen for this optimizer step (add_spike_monitor not used?); "
-                           "the SpikeMonitor was not stepped")
+            logger.warning(
+                "lowbit: no loss seen for this optimizer step (add_spike_monitor not used?); "
+                "the SpikeMonitor was not stepped"
+            )
             return
         loss, self.step_loss = self.step_loss, None
         for event in self.monitor.step(loss):
-            logger.warning(f"lowbit: SpikeMonitor {event['kind']} at step {event['step']} "
-                           f"(value {event['value']}), action {event['action']}")
+            logger.warning(
+                f"lowbit: SpikeMonitor {event['kind']} at step {event['step']} "
+                f"(value {event['value']}), action {event['action']}"
+            )
 
     def on_save(self, args, state, control, **kwargs):
         if self.monitor is None or not state.is_world_process_zero:
