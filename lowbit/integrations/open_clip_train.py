@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
+import importlib.util
 import logging
 import os
 from collections.abc import Iterator
@@ -142,6 +144,8 @@ def log_coverage(model: nn.Module) -> None:
     swapped, total = layer_counts(model)
     logger.info(f"lowbit: {swapped} of {total} nn.Linear / nn.MultiheadAttention layers are lowbit layers")
     coverage = getattr(lowbit, "coverage", None)
+    if coverage is None and importlib.util.find_spec("lowbit.coverage") is not None:
+        coverage = importlib.import_module("lowbit.coverage")  # a submodule lowbit/__init__ does not import
     if coverage is not None and not callable(coverage):  # a module: its function of the same name
         coverage = getattr(coverage, "coverage", None)
     if coverage is None:
@@ -174,6 +178,7 @@ class _Run:
         self.options = options
         self.model_built = False
         self.monitor: lowbit.SpikeMonitor | None = None
+        self.plot_path: str | None = None  # set with the monitor
         self.monitor_state: dict | None = None  # from the checkpoint --resume loaded
         self.optimizer: torch.optim.Optimizer | None = None
         self.hooks: list = []
