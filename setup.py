@@ -6,10 +6,15 @@ so there is one import root and no clash with other packages named `kernels`.
 
 from setuptools import setup
 
-CLIP = ["open_clip_torch>=2.24", "timm>=0.9"]
+# open_clip_train (python -m lowbit.open_clip_train) imports braceexpand, webdataset and pandas at the top
+# of its data module; fsspec comes with huggingface-hub, which open_clip_torch requires.
+CLIP = ["open_clip_torch>=2.24", "timm>=0.9", "braceexpand", "webdataset", "pandas"]
+# lowbit.integrations.transformers (tested with transformers 5.24 only); the Trainer needs accelerate.
+HF = ["transformers>=4.45", "accelerate>=0.26"]
 # Peers the benchmarks compare against; any that is missing is reported as skipped.
 BENCH = ["bitsandbytes>=0.43", "torchao>=0.7", "torch-optimi>=0.2", "pytorch_optimizer>=3.0", "matplotlib>=3.7"]
-DEV = CLIP + BENCH + ["pytest>=7", "tensorboard>=2.14", "ruff>=0.4", "transformers>=4.40"]
+# expecttest: torch.testing._internal (PyTorch's module_db, tests/test_module_db.py) imports it.
+DEV = CLIP + BENCH + HF + ["pytest>=7", "tensorboard>=2.14", "ruff>=0.4", "expecttest"]
 
 setup(
     name="lowbit",
@@ -21,7 +26,7 @@ setup(
     python_requires=">=3.10",
     packages=[
         "lowbit", "lowbit.int8", "lowbit.float8", "lowbit.nn", "lowbit.adapters", "lowbit.optim", "lowbit.monitor",
-        "lowbit.kernels",
+        "lowbit.integrations", "lowbit.kernels",
     ],
     package_dir={"lowbit": "lowbit", "lowbit.kernels": "kernels"},
     install_requires=[
@@ -29,6 +34,6 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
         "numpy",
     ],
-    extras_require={"clip": CLIP, "bench": BENCH, "dev": DEV},
+    extras_require={"clip": CLIP, "bench": BENCH, "hf": HF, "dev": DEV},
     license="MIT",
 )
