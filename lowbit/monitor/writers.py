@@ -137,7 +137,8 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 
 class TensorBoardWriter:
-    """Scalars `loss` and `rms/<layer>`, and each event as text, via torch.utils.tensorboard.
+    """Scalars `loss`, `rms/<layer>` and `quant_sqnr/<pass>/<layer>` (QuantHealth), and each event as
+    text, via torch.utils.tensorboard.
 
     Args:
         log_dir: the TensorBoard run directory.
@@ -168,6 +169,10 @@ class TensorBoardWriter:
         for name, value in (record.get("rms") or {}).items():
             if value is not None and math.isfinite(value):
                 self._writer.add_scalar(f"rms/{name}", value, step)
+        for name, passes in (record.get("quant_sqnr") or {}).items():
+            for which, value in passes.items():
+                if value is not None and math.isfinite(value):
+                    self._writer.add_scalar(f"quant_sqnr/{which}/{name}", value, step)
         for event in record.get("events", ()):
             self._writer.add_text(f"events/{event['kind']}", json.dumps(to_json_safe(event)), step)
 

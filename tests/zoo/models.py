@@ -30,6 +30,15 @@ def _open_clip(name, cls_name, **shrink):
     return getattr(open_clip, cls_name)(**cfg)
 
 
+def _coca(**shrink):
+    model = _open_clip("coca_ViT-B-32", "CoCa", **shrink)
+    # open_clip creates MultimodalTransformer.text_projection with torch.empty and never initializes
+    # it (values up to 1e36 here): give it the init its TextTransformer twin gets.
+    proj = model.text_decoder.text_projection
+    torch.nn.init.normal_(proj.data, std=proj.shape[0] ** -0.5)
+    return model
+
+
 def _images(size):
     return lambda: (torch.randn(2, 3, size, size),)
 
@@ -59,11 +68,11 @@ ZOO = {
                                                                      "width": 16}, text_cfg=_TEXT),
         lambda: (torch.randn(2, 3, 32, 32), torch.randint(0, 64, (2, 12)))),
     "coca_ViT-B-32": (
-        lambda: _open_clip("coca_ViT-B-32", "CoCa", embed_dim=64,
-                           vision_cfg={"image_size": 64, "layers": 1, "width": 96, "attn_pooler_heads": 2,
-                                       "head_width": 32},
-                           text_cfg={**_TEXT, "context_length": 11}, multimodal_cfg={**_TEXT, "context_length": 11,
-                                                                                    "attn_pooler_heads": 2}),
+        lambda: _coca(embed_dim=64,
+                      vision_cfg={"image_size": 64, "layers": 1, "width": 96, "attn_pooler_heads": 2,
+                                  "head_width": 32},
+                      text_cfg={**_TEXT, "context_length": 11},
+                      multimodal_cfg={**_TEXT, "context_length": 11, "attn_pooler_heads": 2}),
         lambda: (torch.randn(2, 3, 64, 64), torch.randint(0, 64, (2, 11)))),
     "GPT2LMHeadModel": (_gpt2, lambda: (torch.randint(0, 128, (2, 16)),)),
 }
