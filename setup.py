@@ -9,7 +9,8 @@ from setuptools import setup
 CLIP = ["open_clip_torch>=2.24", "timm>=0.9"]
 # Peers the benchmarks compare against; any that is missing is reported as skipped.
 BENCH = ["bitsandbytes>=0.43", "torchao>=0.7", "torch-optimi>=0.2", "pytorch_optimizer>=3.0", "matplotlib>=3.7"]
-DEV = CLIP + BENCH + ["pytest>=7", "tensorboard>=2.14", "ruff>=0.4", "transformers>=4.40"]
+# expecttest: torch.testing._internal (module_db, in tests/test_module_db.py) imports it.
+DEV = CLIP + BENCH + ["pytest>=7", "tensorboard>=2.14", "ruff>=0.4", "transformers>=4.40", "expecttest"]
 
 setup(
     name="lowbit",

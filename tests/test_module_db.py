@@ -31,9 +31,8 @@ from torch.testing._internal.common_modules import module_db
 from torch.utils._pytree import tree_leaves, tree_map
 
 import lowbit
-import lowbit.nn
 from lowbit.nn import LowbitLinear, LowbitMultiheadAttention
-from lowbit.swap import LAYER_NAMES
+from lowbit.registry import layer_spec
 
 MODULE_CLASSES = {
     "nn.Linear": nn.Linear,
@@ -358,8 +357,8 @@ def _assert_params_are(module, device, dtype):
 def test_factory_kwargs_linear(variant, dtype, device):
     """The layer class built directly with device/dtype, as nn.Linear(..., device=, dtype=)."""
     _, options = VARIANTS[variant]
-    class_name, kwargs = LAYER_NAMES[variant]
-    cls, kwargs = getattr(lowbit.nn, class_name), {**kwargs, **options}
+    spec = layer_spec(variant)
+    cls, kwargs = spec.cls, spec.build_kwargs(**options)
     layer = cls(5, 3, True, device=device, dtype=dtype, **kwargs)
     _assert_params_are(layer, device, dtype)
     assert layer.weight.shape == (3, 5) and layer.bias.shape == (3,)
@@ -471,7 +470,8 @@ def test_to_dtype(module_name, variant, swap_tensors):
     try:
         for _, sample in _some_samples(module_name, 2):
             s = _swapped(_build(module_name, sample, torch.float32, True), variant)
-            out32 = _forward(s, sample)
+            with torch.no_grad():  # no autograd graph left holding the Parameters (swap_tensors needs that)
+                out32 = _forward(s, sample)
             ids = [id(p) for p in s.parameters()]
             for dtype in (torch.float64, torch.float32, torch.bfloat16):  # bf16 last: it rounds the weights
                 s.to(dtype)
@@ -479,7 +479,8 @@ def test_to_dtype(module_name, variant, swap_tensors):
                 assert all(isinstance(p, nn.Parameter) for p in s.parameters())
                 if swap_tensors:
                     assert [id(p) for p in s.parameters()] == ids
-                out = _forward(s, sample, dtype)
+                with torch.no_grad():
+                    out = _forward(s, sample, dtype)
                 assert [o.dtype for o in out] == [dtype] * len(out)
                 if dtype == torch.float32:  # back from float64 exactly
                     _assert_same_outputs(out, out32)
