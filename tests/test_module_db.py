@@ -31,7 +31,6 @@ from torch.testing._internal.common_modules import module_db
 from torch.utils._pytree import tree_leaves, tree_map
 
 import lowbit
-import lowbit.nn
 from lowbit.nn import LowbitLinear, LowbitMultiheadAttention
 from lowbit.registry import layer_spec
 
@@ -471,7 +470,8 @@ def test_to_dtype(module_name, variant, swap_tensors):
     try:
         for _, sample in _some_samples(module_name, 2):
             s = _swapped(_build(module_name, sample, torch.float32, True), variant)
-            out32 = _forward(s, sample)
+            with torch.no_grad():  # no autograd graph left holding the Parameters (swap_tensors needs that)
+                out32 = _forward(s, sample)
             ids = [id(p) for p in s.parameters()]
             for dtype in (torch.float64, torch.float32, torch.bfloat16):  # bf16 last: it rounds the weights
                 s.to(dtype)
@@ -479,7 +479,8 @@ def test_to_dtype(module_name, variant, swap_tensors):
                 assert all(isinstance(p, nn.Parameter) for p in s.parameters())
                 if swap_tensors:
                     assert [id(p) for p in s.parameters()] == ids
-                out = _forward(s, sample, dtype)
+                with torch.no_grad():
+                    out = _forward(s, sample, dtype)
                 assert [o.dtype for o in out] == [dtype] * len(out)
                 if dtype == torch.float32:  # back from float64 exactly
                     _assert_same_outputs(out, out32)
@@ -520,14 +521,29 @@ def _to_meta(sample):
     return sample
 
 
+# Deliberate differences from nn.Linear, one row each: variant -> (error class, message pattern, reason).
+DOUBLE_BACKWARD_REFUSED = {
+    "switchback-memeff": (RuntimeError, "double backward", "saves only the int8 input: no derivative of the "
+                          "weight gradient with respect to the input; raises instead of returning zeros"),
+    "fp8-tensorwise": (RuntimeError, "double backward", "saves only the fp8 input: the same; raises"),
+}
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_double_backward_linear(variant):
     """nn.Linear supports double backward (test_modules.py's gradgrad): so must the swapped layer,
-    with the second-order gradients within the format's error of fp64."""
+    with the second-order gradients within the format's error of fp64, or refuse it loudly."""
     fmt = VARIANTS[variant][0]
     torch.manual_seed(0)
     original = nn.Linear(48, 40)
     s = _swapped(original, variant)
+    if variant in DOUBLE_BACKWARD_REFUSED:
+        error, pattern, _reason = DOUBLE_BACKWARD_REFUSED[variant]
+        x = torch.randn(16, 48, requires_grad=True)
+        with pytest.raises(error, match=pattern):  # at create_graph=True already
+            (gx,) = torch.autograd.grad(s(x), x, torch.randn(16, 40), create_graph=True)
+            torch.autograd.grad(gx, (s.weight,), torch.randn(16, 48))
+        return
     results = []
     for m, dtype in ((s, torch.float32), (copy.deepcopy(original).double(), torch.float64)):
         g = torch.Generator().manual_seed(3)
