@@ -105,14 +105,21 @@ def _bnb_llm_int8(model: nn.Module, settings: Settings) -> nn.Module:
     return model
 
 
+def _simulated_only(model: nn.Module, settings: Settings) -> nn.Module:
+    raise Skip("block-scaled formats are simulated in plain torch only (no real kernel yet): not a speed target")
+
+
 def _lowbit_impls() -> dict:
-    """Every registered lowbit layer name (fp8 ones as "lowbit-<name>", timed only as real fp8)."""
-    from lowbit.nn import Float8Linear
+    """Every registered lowbit layer name (fp8 ones as "lowbit-<name>", timed only as real fp8;
+    block-scaled ones skipped: they are simulated)."""
+    from lowbit.nn import BlockScaledLinear, Float8Linear
     from lowbit.registry import layer_names, layer_spec
 
     impls = {}
     for name in layer_names():
-        if issubclass(layer_spec(name).cls, Float8Linear):
+        if issubclass(layer_spec(name).cls, BlockScaledLinear):
+            impls[f"lowbit-{name}"] = _simulated_only
+        elif issubclass(layer_spec(name).cls, Float8Linear):
             impls[f"lowbit-{name}"] = _lowbit_fp8(name)
         else:
             impls[name] = _lowbit_swap(name)

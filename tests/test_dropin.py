@@ -15,7 +15,8 @@ from torch import nn
 from torch.func import functional_call, grad, jacrev, stack_module_state, vmap
 
 import lowbit
-from lowbit.nn import Float8Linear, SwitchBackLinear
+from lowbit.mx.config import FORMATS as BLOCK_FORMATS
+from lowbit.nn import BlockScaledLinear, Float8Linear, SwitchBackLinear
 from lowbit.registry import layer_spec
 
 
@@ -27,8 +28,19 @@ def _builder(name):
 
 # Every registered layer name: a new format is tested here without being listed.
 VARIANTS = {name: _builder(name) for name in lowbit.layer_names()}
-# Forward SQNR floors at these small, random sizes (int8 ~40 dB, fp8 e4m3 ~30 dB).
-FLOOR_DB = {name: 22 if issubclass(layer_spec(name).cls, Float8Linear) else 33 for name in VARIANTS}
+# Block-scaled formats by element: e5m2 and e2m1 hold 1 and 2 mantissa bits fewer than e4m3 (~6 dB a bit).
+_BLOCK_FLOOR_DB = {"e4m3": 22, "e5m2": 17, "e2m1": 11}
+
+
+def _floor_db(name: str) -> int:
+    """Forward SQNR floor at these small, random sizes (int8 ~40 dB, fp8 e4m3 ~30 dB, e2m1 ~16 dB)."""
+    spec = layer_spec(name)
+    if issubclass(spec.cls, BlockScaledLinear):
+        return _BLOCK_FLOOR_DB[BLOCK_FORMATS[spec.options["format"]].element]
+    return 22 if issubclass(spec.cls, Float8Linear) else 33
+
+
+FLOOR_DB = {name: _floor_db(name) for name in VARIANTS}
 
 
 def sqnr_db(ref: torch.Tensor, x: torch.Tensor) -> float:

@@ -1,4 +1,4 @@
-"""lowbit's layers: parameters and configuration only; the math is in lowbit.int8 and lowbit.float8."""
+"""lowbit's layers: parameters and configuration only; the math is in lowbit.int8, lowbit.float8 and lowbit.mx."""
 
 from lowbit.nn.attention import (
     LowbitMultiheadAttention,
@@ -10,9 +10,11 @@ from lowbit.nn.attention import (
 )
 from lowbit.nn.base import LowbitLinear
 from lowbit.nn.float8 import Float8Linear
+from lowbit.nn.mx import BlockScaledLinear
 from lowbit.nn.switchback import SwitchBackLinear
 
 __all__ = [
+    "BlockScaledLinear",
     "Float8Linear",
     "LowbitLinear",
     "LowbitMultiheadAttention",
