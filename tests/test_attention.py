@@ -1,5 +1,7 @@
 """LowbitMultiheadAttention computes what nn.MultiheadAttention computes, masks and layouts included."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -219,3 +221,23 @@ def test_transformer_decoder_layer_swapped_in_full():
     out = swapped(x, memory)
     assert CountingLinear.calls == 2 + 4 + 2  # self-attention (packed, out), cross (q, k, v, out), FFN
     assert_same(out, ref, atol=1e-4)
+
+
+@pytest.mark.parametrize(("name", "floors"), [("switchback-row", (30, 30, 28)), ("fp8-switchback", (20, 18, 15))])
+def test_swapped_transformer_layer_at_a_realistic_width(name, floors):
+    """module_db's Transformer samples are 3-4 wide (its floors are loose); at width 64 the same
+    layer holds output, input-gradient and parameter-gradient SQNR floors against fp64."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(64, 4, dim_feedforward=128, dropout=0.0, batch_first=True)
+    ref_layer = copy.deepcopy(layer).double()
+    kwargs = {"simulate": True} if name.startswith("fp8") else {}
+    swapped = lowbit.swap(layer, name, filter_fn=lowbit.ALL, **kwargs)
+    x, g = torch.randn(4, 16, 64), torch.randn(4, 16, 64)
+    xs, xr = x.clone().requires_grad_(), x.double().requires_grad_()
+    out, ref = swapped(xs), ref_layer(xr)
+    out.backward(g)
+    ref.backward(g.double())
+    params = torch.cat([p.grad.flatten() for p in swapped.parameters()])
+    ref_params = torch.cat([p.grad.flatten() for p in ref_layer.parameters()])
+    got = (sqnr_db(ref, out), sqnr_db(xr.grad, xs.grad), sqnr_db(ref_params, params))
+    assert all(db >= floor for db, floor in zip(got, floors)), got
