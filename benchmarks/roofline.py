@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lowbit
-from lowbit.config import SwitchBackConfig
-from lowbit.functional import switchback_linear
+from lowbit.int8.config import SwitchBackConfig
+from lowbit.int8.functional import switchback_linear
 from lowbit.optim import StableAdamW
 
 # Dense peaks (TFLOP/s, TOP/s) and HBM bandwidth (TB/s): A100 SXM 80GB, H100 SXM, H200 SXM.
