@@ -80,6 +80,7 @@ def test_open_clip_train_swaps_uses_stableadamw_monitors_and_resumes(tiny_run: d
     assert "SwitchBackLinear" in log
     # 1 + 1 attention blocks, 2 + 2 MLP linears, and the two towers' projections are parameters, not layers.
     assert "lowbit: 6 of 6 nn.Linear / nn.MultiheadAttention layers are lowbit layers" in log
+    assert "lowbit: 100.0 % of linear FLOPs run in low precision" in log, log[-3000:]
     assert "Created StableAdamW (adamw) optimizer" in log  # open_clip's own line names the class it got
     assert "lowbit: StableAdamW(lr=0.001" in log and "weight_decay per group=[0.0, 0.1]" in log
 

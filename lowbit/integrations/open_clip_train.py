@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
-import importlib.util
 import logging
 import os
 from collections.abc import Iterator
@@ -140,21 +138,34 @@ def layer_counts(model: nn.Module) -> tuple[int, int]:
     return len(low), len(layers)
 
 
+def _example_batch(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two random images and token sequences of the sizes an open_clip CLIP model takes."""
+    param = next(model.parameters())
+    size = getattr(model.visual, "image_size", 224)
+    size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    images = torch.randn(2, 3, *size, device=param.device, dtype=param.dtype)
+    texts = torch.randint(0, getattr(model, "vocab_size", 49408), (2, getattr(model, "context_length", 77)),
+                          device=param.device)
+    return images, texts
+
+
 def log_coverage(model: nn.Module) -> None:
+    """Layers swapped, and the share of linear FLOPs that ran in low precision on an example batch."""
     swapped, total = layer_counts(model)
     logger.info(f"lowbit: {swapped} of {total} nn.Linear / nn.MultiheadAttention layers are lowbit layers")
-    coverage = getattr(lowbit, "coverage", None)
-    if coverage is None and importlib.util.find_spec("lowbit.coverage") is not None:
-        coverage = importlib.import_module("lowbit.coverage")  # a submodule lowbit/__init__ does not import
-    if coverage is not None and not callable(coverage):  # a module: its function of the same name
-        coverage = getattr(coverage, "coverage", None)
-    if coverage is None:
-        logger.info("lowbit: the share of linear FLOPs in low precision needs lowbit.coverage, not in this lowbit")
-        return
     try:
-        logger.info(f"lowbit: coverage {coverage(model)}")
-    except Exception as error:  # its API is another module's: report, do not stop the run
-        logger.warning(f"lowbit: lowbit.coverage(model) failed, FLOP share not logged: {type(error).__name__}: {error}")
+        images, texts = _example_batch(model)
+        with torch.no_grad():
+            report = lowbit.coverage(model, images, texts)
+    except Exception as error:  # a model this function cannot feed: say so, do not stop the run
+        logger.warning(f"lowbit: coverage not measured ({type(error).__name__}: {error})")
+        return
+    uncovered = [layer.name for layer in report.uncovered]
+    logger.info(
+        f"lowbit: {100 * report.low_precision_fraction:.1f} % of linear FLOPs run in low precision "
+        f"(lowbit.coverage on 2 random image/text pairs)"
+        + (f"; not covered: {', '.join(uncovered[:10])}" if uncovered else "")
+    )
 
 
 class _LossTap:
