@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from lowbit.io import atomic_path
+
 
 def label_rows(n_layers: int, spike_rows: set[int], every: int) -> list[int]:
     """The heat-map rows to label: every row holding a spike, and every `every`-th row not within
@@ -180,12 +182,6 @@ def plot_spikes(
     ax_rms.set_xlabel("step")
     ax_rms.set_ylabel("layer")
 
-    # Write next to the target, then rename: a reader never sees a half-written PNG.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
+    with atomic_path(path) as tmp:  # a reader never sees a half-written PNG
         fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
