@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import lowbit
-from lowbit import kernels, ops
+from lowbit import kernels
+from lowbit.int8 import ops
 from tests.kernels._utils import (
     DEVICE,
     FLOAT_DTYPES,
