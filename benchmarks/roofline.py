@@ -117,14 +117,16 @@ def recorded_triton_launchers(rec: Recorder):
         rec.add("int8_matmul_dequant", reads + out.numel() * out.element_size(), 2 * m * n * k, "int8")
         return out
 
-    originals = {name: getattr(kernels, name) for name in
-                 ("quantize_rowwise", "quantize_tensorwise", "quantize_colwise_transposed", "int8_matmul_dequant")}
-    kernels.quantize_rowwise = quantize("quantize_rowwise", False)
-    kernels.quantize_colwise_transposed = quantize("quantize_colwise_transposed", True)
+    # lowbit.int8.ops calls the launch_* entries (it has checked the inputs already).
+    originals = {name: getattr(kernels, name) for name in ("launch_quantize_rowwise", "launch_quantize_tensorwise",
+                                                          "launch_quantize_colwise_transposed",
+                                                          "launch_int8_matmul_dequant")}
+    kernels.launch_quantize_rowwise = quantize("quantize_rowwise", False)
+    kernels.launch_quantize_colwise_transposed = quantize("quantize_colwise_transposed", True)
     tensorwise = quantize("quantize_tensorwise", False)
     tensorwise_t = quantize("quantize_tensorwise", True)
-    kernels.quantize_tensorwise = lambda x, *, transpose=False: (tensorwise_t if transpose else tensorwise)(x)
-    kernels.int8_matmul_dequant = int8_matmul_dequant
+    kernels.launch_quantize_tensorwise = lambda x, *, transpose=False: (tensorwise_t if transpose else tensorwise)(x)
+    kernels.launch_int8_matmul_dequant = int8_matmul_dequant
     # Nothing is interpreted (the launchers are swapped out), but lowbit's triton backend takes
     # non-CUDA tensors only under the interpreter's flag, read at each call.
     flag = os.environ.get("TRITON_INTERPRET")

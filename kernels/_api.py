@@ -8,14 +8,26 @@ except ImportError as err:  # lowbit.int8.ops imports this module only when the 
         "(LOWBIT_BACKEND=torch)."
     ) from err
 
-from .int8_matmul import MAX_INNER_DIM, int8_matmul_dequant
-from .quantize_colwise import quantize_colwise_transposed
-from .quantize_rowwise import quantize_rowwise
-from .quantize_tensorwise import quantize_tensorwise
+# quantize_* / int8_matmul_dequant check their inputs; launch_* are the same kernels for callers that
+# already did (lowbit.int8.ops checks once, at its public entry).
+from lowbit._inputs import MAX_INNER_DIM
+
+from .int8_matmul import int8_matmul_dequant, launch_int8_matmul_dequant
+from .quantize_rowwise import launch_quantize_rowwise, quantize_rowwise
+from .quantize_tiled import (
+    launch_quantize_colwise_transposed,
+    launch_quantize_tensorwise,
+    quantize_colwise_transposed,
+    quantize_tensorwise,
+)
 
 __all__ = [
     "MAX_INNER_DIM",
     "int8_matmul_dequant",
+    "launch_int8_matmul_dequant",
+    "launch_quantize_colwise_transposed",
+    "launch_quantize_rowwise",
+    "launch_quantize_tensorwise",
     "quantize_colwise_transposed",
     "quantize_rowwise",
     "quantize_tensorwise",

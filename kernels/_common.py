@@ -15,7 +15,6 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit._inputs import FLOAT_DTYPES, MAX_INNER_DIM  # noqa: F401  (shared with the torch twins)
 from lowbit._inputs import check_float_matrix as _check_float_matrix
 
 

@@ -6,7 +6,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import FLOAT_DTYPES, INTERPRET, LAUNCH_OPTIONS, MAX_INNER_DIM, _cast_rne, check_device
+from lowbit._inputs import check_int8_matmul
+
+from ._common import INTERPRET, LAUNCH_OPTIONS, _cast_rne, check_device
 
 
 def _config(bm, bn, bk, stages, warps, group=8):
@@ -165,36 +167,23 @@ def int8_matmul_dequant(
     Returns:
         (M, N) tensor of `out_dtype`.
     """
-    op = "int8_matmul_dequant"
-    for name, t in (("a", a), ("b", b), ("a_absmax", a_absmax), ("b_absmax", b_absmax), ("bias", bias)):
-        if t is not None and not isinstance(t, torch.Tensor):
-            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
-    if a.dtype != torch.int8 or b.dtype != torch.int8:
-        raise TypeError(f"{op}: operands must be int8, got {a.dtype} and {b.dtype}")
-    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
-        raise ValueError(f"{op}: cannot multiply {tuple(a.shape)} by {tuple(b.shape)}")
+    check_int8_matmul(a, b, a_absmax, b_absmax, bias, out_dtype, "int8_matmul_dequant")
+    check_device(a, "int8_matmul_dequant")
+    return launch_int8_matmul_dequant(a, b, a_absmax, b_absmax, bias=bias, out_dtype=out_dtype)
+
+
+def launch_int8_matmul_dequant(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_absmax: torch.Tensor,
+    b_absmax: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The kernel on operands already checked (lowbit._inputs.check_int8_matmul, a Triton device)."""
     M, K = a.shape
     N = b.shape[1]
-    if K > MAX_INNER_DIM:
-        raise ValueError(f"{op}: inner dimension {K} > {MAX_INNER_DIM} could overflow the int32 accumulator")
-    if a_absmax.shape != (M,) or b_absmax.shape not in ((), (N,)):
-        raise ValueError(
-            f"{op}: scales of shape {tuple(a_absmax.shape)} and {tuple(b_absmax.shape)} do not fit "
-            f"a ({M}, {K}) @ ({K}, {N}) product: expected ({M},) and () or ({N},)"
-        )
-    if bias is not None and bias.shape != (N,):
-        raise ValueError(f"{op}: bias of shape {tuple(bias.shape)}, expected ({N},)")
-    scales = (a_absmax, b_absmax) + ((bias,) if bias is not None else ())
-    for t in scales:
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"{op}: scales and bias must be float32, float16 or bfloat16, got {t.dtype}")
-    if out_dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{op}: out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
-    devices = {t.device for t in (a, b) + scales}
-    if len(devices) != 1:
-        raise ValueError(f"{op}: tensors on different devices {sorted(str(d) for d in devices)}")
-    check_device(a, op)
-
     out = torch.empty((M, N), dtype=out_dtype, device=a.device)
     if M == 0 or N == 0:
         return out

@@ -75,22 +75,13 @@ def _quantize_rowwise_kernel(
     tl.store(absmax_ptr + offs_m, _scale_out(absmax), mask=mask_m)
 
 
-def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Row-wise absmax int8: x (M, K) float, any strides -> q (M, K) int8 contiguous, absmax (M,) fp32.
-
-    Args:
-        x: (M, K) float32, float16 or bfloat16 tensor.
-
-    Returns:
-        q with q[m, k] = clamp(rint(x[m, k] * 127 / absmax[m]), -127, 127), and absmax, the fp32 max of
-        |x[m, :]| (0 for an all-zero row, NaN for a row holding inf or NaN, whose q row is 0).
-    """
-    check_float_matrix(x, "quantize_rowwise")
+def launch_quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel on an x already checked (a 2-D float tensor on a device Triton runs on)."""
     M, K = x.shape
     q = torch.empty((M, K), dtype=torch.int8, device=x.device)
-    absmax = torch.zeros((M,), dtype=torch.float32, device=x.device)
     if M == 0 or K == 0:  # nothing to read: an empty row has absmax 0, like the torch twin
-        return q, absmax
+        return q, torch.zeros((M,), dtype=torch.float32, device=x.device)
+    absmax = torch.empty((M,), dtype=torch.float32, device=x.device)  # every row's program writes its own
 
     def grid(meta):
         return (triton.cdiv(M, meta["BLOCK_SIZE_M"]),)
@@ -102,3 +93,17 @@ def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         **LAUNCH_OPTIONS,
     )
     return q, absmax
+
+
+def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row-wise absmax int8: x (M, K) float, any strides -> q (M, K) int8 contiguous, absmax (M,) fp32.
+
+    Args:
+        x: (M, K) float32, float16 or bfloat16 tensor.
+
+    Returns:
+        q with q[m, k] = clamp(rint(x[m, k] * 127 / absmax[m]), -127, 127), and absmax, the fp32 max of
+        |x[m, :]| (0 for an all-zero row, NaN for a row holding inf or NaN, whose q row is 0).
+    """
+    check_float_matrix(x, "quantize_rowwise")
+    return launch_quantize_rowwise(x)

@@ -35,6 +35,44 @@ def check_float_matrix(x: torch.Tensor, op: str) -> None:
         raise TypeError(f"{op}: expected float32, float16 or bfloat16, got {x.dtype}")
 
 
+def check_int8_matmul(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    a_absmax: torch.Tensor,
+    b_absmax: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+    op: str,
+) -> None:
+    """Raise unless int8 a (M, K) @ b (K, N) with scales (M,) and () or (N,), bias (N,) is well formed."""
+    for name, t in (("a", a), ("b", b), ("a_absmax", a_absmax), ("b_absmax", b_absmax), ("bias", bias)):
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if a.dtype != torch.int8 or b.dtype != torch.int8:
+        raise TypeError(f"{op}: operands must be int8, got {a.dtype} and {b.dtype}")
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"{op}: cannot multiply {tuple(a.shape)} by {tuple(b.shape)}")
+    (m, k), n = a.shape, b.shape[1]
+    if k > MAX_INNER_DIM:
+        raise ValueError(f"{op}: inner dimension {k} > {MAX_INNER_DIM} could overflow the int32 accumulator")
+    if a_absmax.shape != (m,) or b_absmax.shape not in ((), (n,)):
+        raise ValueError(
+            f"{op}: scales of shape {tuple(a_absmax.shape)} and {tuple(b_absmax.shape)} do not fit "
+            f"a ({m}, {k}) @ ({k}, {n}) product: expected ({m},) and () or ({n},)"
+        )
+    if bias is not None and bias.shape != (n,):
+        raise ValueError(f"{op}: bias of shape {tuple(bias.shape)}, expected ({n},)")
+    scales = (a_absmax, b_absmax) + ((bias,) if bias is not None else ())
+    for t in scales:
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{op}: scales and bias must be float32, float16 or bfloat16, got {t.dtype}")
+    if out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
+    devices = {t.device for t in (a, b) + scales}
+    if len(devices) != 1:
+        raise ValueError(f"{op}: tensors on different devices {sorted(str(d) for d in devices)}")
+
+
 def autocast_linear_inputs(
     input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -4,7 +4,8 @@ Dynamo cannot always trace into an autotuned launcher (config pruning reads the 
 launcher allocates its outputs), and a graph break per quantization would split every layer's
 graph. As custom ops with fake (shape-only) implementations, the kernels are opaque nodes that
 Inductor calls as they are. Eager code calls the launchers directly and skips the custom-op
-dispatch overhead; `lowbit.ops` picks one or the other.
+dispatch overhead; `lowbit.int8.ops` picks one or the other, after checking the inputs (the
+`launch_*` functions do not check them again).
 
 The fake implementations describe the launchers' outputs: new, contiguous tensors.
 """
@@ -21,38 +22,38 @@ def _kernels():
 
 
 @torch.library.custom_op("lowbit::quantize_rowwise", mutates_args=())
-def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _kernels().quantize_rowwise(x)
+def launch_quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _kernels().launch_quantize_rowwise(x)
 
 
-@quantize_rowwise.register_fake
+@launch_quantize_rowwise.register_fake
 def _(x):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[0], dtype=torch.float32)
 
 
 @torch.library.custom_op("lowbit::quantize_tensorwise", mutates_args=())
-def quantize_tensorwise(x: torch.Tensor, transpose: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _kernels().quantize_tensorwise(x, transpose=transpose)
+def launch_quantize_tensorwise(x: torch.Tensor, transpose: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _kernels().launch_quantize_tensorwise(x, transpose=transpose)
 
 
-@quantize_tensorwise.register_fake
+@launch_quantize_tensorwise.register_fake
 def _(x, transpose):
     shape = (x.shape[1], x.shape[0]) if transpose else x.shape
     return x.new_empty(shape, dtype=torch.int8), x.new_empty((), dtype=torch.float32)
 
 
 @torch.library.custom_op("lowbit::quantize_colwise_transposed", mutates_args=())
-def quantize_colwise_transposed(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _kernels().quantize_colwise_transposed(x)
+def launch_quantize_colwise_transposed(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _kernels().launch_quantize_colwise_transposed(x)
 
 
-@quantize_colwise_transposed.register_fake
+@launch_quantize_colwise_transposed.register_fake
 def _(x):
     return x.new_empty((x.shape[1], x.shape[0]), dtype=torch.int8), x.new_empty(x.shape[1], dtype=torch.float32)
 
 
 @torch.library.custom_op("lowbit::int8_matmul_dequant", mutates_args=())
-def int8_matmul_dequant(
+def launch_int8_matmul_dequant(
     a: torch.Tensor,
     b: torch.Tensor,
     a_absmax: torch.Tensor,
@@ -60,9 +61,9 @@ def int8_matmul_dequant(
     bias: torch.Tensor | None,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    return _kernels().int8_matmul_dequant(a, b, a_absmax, b_absmax, bias=bias, out_dtype=out_dtype)
+    return _kernels().launch_int8_matmul_dequant(a, b, a_absmax, b_absmax, bias=bias, out_dtype=out_dtype)
 
 
-@int8_matmul_dequant.register_fake
+@launch_int8_matmul_dequant.register_fake
 def _(a, b, a_absmax, b_absmax, bias, out_dtype):
     return a.new_empty((a.shape[0], b.shape[1]), dtype=out_dtype)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from lowbit._backend import use_triton
-from lowbit._inputs import FLOAT_DTYPES, MAX_INNER_DIM, check_float_matrix
+from lowbit._inputs import MAX_INNER_DIM, check_float_matrix, check_int8_matmul
 
 __all__ = [
     "quantize_rowwise",
@@ -79,7 +79,7 @@ def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row-wise absmax int8: x (M, K) float -> q (M, K) int8 contiguous, absmax (M,) fp32."""
     check_float_matrix(x, "quantize_rowwise")
     if use_triton(x):
-        return _kernels().quantize_rowwise(x)
+        return _kernels().launch_quantize_rowwise(x)
     # amax propagates NaN, so a row holding NaN gets a NaN absmax; an empty row (K = 0) has absmax 0.
     absmax = x.float().abs().amax(dim=1) if x.shape[1] else x.new_zeros(x.shape[0], dtype=torch.float32)
     q = _quantize_torch(x, absmax[:, None]).contiguous()
@@ -90,7 +90,7 @@ def quantize_tensorwise(x: torch.Tensor, *, transpose: bool = False) -> tuple[to
     """Tensor-wise absmax int8: x (M, K) -> q (M, K), or (K, M) if transpose, int8 contiguous; absmax () fp32."""
     check_float_matrix(x, "quantize_tensorwise")
     if use_triton(x):
-        return _kernels().quantize_tensorwise(x, transpose=transpose)
+        return _kernels().launch_quantize_tensorwise(x, transpose=transpose)
     absmax = x.float().abs().amax() if x.numel() else x.new_zeros((), dtype=torch.float32)
     q = _quantize_torch(x, absmax)
     q = q.t().contiguous() if transpose else q.contiguous()
@@ -105,7 +105,7 @@ def quantize_colwise_transposed(x: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     """
     check_float_matrix(x, "quantize_colwise_transposed")
     if use_triton(x):
-        return _kernels().quantize_colwise_transposed(x)
+        return _kernels().launch_quantize_colwise_transposed(x)
     absmax = x.float().abs().amax(dim=0) if x.shape[0] else x.new_zeros(x.shape[1], dtype=torch.float32)
     q = _quantize_torch(x, absmax[None, :]).t().contiguous()
     return q, _nan_if_not_finite(absmax)
@@ -161,28 +161,9 @@ def int8_matmul_dequant(
     Returns:
         (M, N) tensor of `out_dtype`.
     """
-    if a.dtype != torch.int8 or b.dtype != torch.int8:
-        raise TypeError(f"int8_matmul_dequant: operands must be int8, got {a.dtype} and {b.dtype}")
-    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
-        raise ValueError(f"int8_matmul_dequant: cannot multiply {tuple(a.shape)} by {tuple(b.shape)}")
-    m, k = a.shape
-    n = b.shape[1]
-    if k > MAX_INNER_DIM:
-        raise ValueError(f"int8_matmul_dequant: inner dimension {k} > {MAX_INNER_DIM} could overflow int32")
-    if a_absmax.shape != (m,) or b_absmax.shape not in ((), (n,)):
-        raise ValueError(
-            f"int8_matmul_dequant: scales {tuple(a_absmax.shape)} and {tuple(b_absmax.shape)} do not fit "
-            f"a ({m}, {k}) @ ({k}, {n}) product"
-        )
-    if bias is not None and bias.shape != (n,):
-        raise ValueError(f"int8_matmul_dequant: bias of shape {tuple(bias.shape)}, expected ({n},)")
-    if out_dtype not in FLOAT_DTYPES:
-        raise TypeError(f"int8_matmul_dequant: out_dtype must be float32, float16 or bfloat16, got {out_dtype}")
-    tensors = [a, b, a_absmax, b_absmax] + ([bias] if bias is not None else [])
-    if len({t.device for t in tensors}) != 1:
-        raise ValueError(f"int8_matmul_dequant: tensors on different devices {[str(t.device) for t in tensors]}")
+    check_int8_matmul(a, b, a_absmax, b_absmax, bias, out_dtype, "int8_matmul_dequant")
     if use_triton(a):
-        return _kernels().int8_matmul_dequant(a, b, a_absmax, b_absmax, bias=bias, out_dtype=out_dtype)
+        return _kernels().launch_int8_matmul_dequant(a, b, a_absmax, b_absmax, bias=bias, out_dtype=out_dtype)
     scale = a_absmax[:, None].float() * (b_absmax.float() * (1.0 / 127**2))
     out = _int_mm_exact(a, b).float() * scale
     if bias is not None:

@@ -31,11 +31,11 @@ from triton.runtime.autotuner import Autotuner, Heuristics  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 # import_module: lowbit.kernels re-exports functions under their modules' names.
-_common, int8_matmul, quantize_colwise, quantize_rowwise, quantize_tensorwise = (
+_common, int8_matmul, quantize_rowwise, quantize_tiled = (
     importlib.import_module(f"lowbit.kernels.{name}")
-    for name in ("_common", "int8_matmul", "quantize_colwise", "quantize_rowwise", "quantize_tensorwise")
+    for name in ("_common", "int8_matmul", "quantize_rowwise", "quantize_tiled")
 )
-MODULES = (int8_matmul, quantize_colwise, quantize_rowwise, quantize_tensorwise)
+MODULES = (int8_matmul, quantize_rowwise, quantize_tiled)
 # Usable shared memory per block: A100 163 KiB, H100/H200 227 KiB (CUDA programming guide, table 21).
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 WARP_SIZE = 32
@@ -86,8 +86,8 @@ def record_launches() -> list[tuple[object, dict]]:
     n = 4096
     x = torch.zeros(n, n, dtype=torch.bfloat16)
     quantize_rowwise.quantize_rowwise(x)
-    quantize_colwise.quantize_colwise_transposed(x)
-    quantize_tensorwise.quantize_tensorwise(x, transpose=True)
+    quantize_tiled.quantize_colwise_transposed(x)
+    quantize_tiled.quantize_tensorwise(x, transpose=True)
     q, scales, tensor_scale = torch.zeros(n, n, dtype=torch.int8), torch.ones(n), torch.ones(())
     # forward (x @ w.T, row-wise w, bias) and grad_input (g @ w, tensor-wise w): B is K-major in both
     int8_matmul.int8_matmul_dequant(q, q.t(), scales, scales, bias=scales, out_dtype=torch.bfloat16)

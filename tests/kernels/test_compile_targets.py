@@ -65,11 +65,12 @@ def test_every_kernel_and_config_compiled(compiled, cap):
     assert kernels == {
         "_int8_matmul_dequant_kernel",
         "_quantize_rowwise_kernel",
-        "_colwise_absmax_kernel",
-        "_quantize_colwise_transposed_kernel",
-        "_tensor_absmax_kernel",
-        "_quantize_tensorwise_kernel",
+        "_tiled_absmax_kernel",
+        "_quantize_tiled_kernel",
     }
+    # the tiled pair runs at both granularities: per column (transposed) and per tensor
+    tiled = {(r["kernel"], r["variant"]["PER_COLUMN"]) for r in compiled[cap] if "tiled" in r["kernel"]}
+    assert tiled == {(k, g) for k in ("_tiled_absmax_kernel", "_quantize_tiled_kernel") for g in (True, False)}
     gemm = [r for r in compiled[cap] if r["kernel"] == "_int8_matmul_dequant_kernel"]
     configs = importlib.import_module("lowbit.kernels.int8_matmul").configs_for_capability(cap // 10)
     assert len(gemm) == 2 * len(configs)  # two variants (forward, grad_input) x this generation's configs

@@ -19,13 +19,13 @@ def _cases():
     a, b = _int8(21, 40), _int8(40, 33)
     a_absmax = torch.rand(21, device=DEVICE) + 0.5
     return [
-        (_compiled_ops.quantize_rowwise, (x,)),
-        (_compiled_ops.quantize_tensorwise, (x, False)),
-        (_compiled_ops.quantize_tensorwise, (x.t(), True)),  # non-contiguous input
-        (_compiled_ops.quantize_colwise_transposed, (x,)),
-        (_compiled_ops.int8_matmul_dequant,
+        (_compiled_ops.launch_quantize_rowwise, (x,)),
+        (_compiled_ops.launch_quantize_tensorwise, (x, False)),
+        (_compiled_ops.launch_quantize_tensorwise, (x.t(), True)),  # non-contiguous input
+        (_compiled_ops.launch_quantize_colwise_transposed, (x,)),
+        (_compiled_ops.launch_int8_matmul_dequant,
          (a, b, a_absmax, torch.rand(33, device=DEVICE) + 0.5, None, torch.float32)),
-        (_compiled_ops.int8_matmul_dequant,
+        (_compiled_ops.launch_int8_matmul_dequant,
          (a, _int8(33, 40).t(), a_absmax, torch.tensor(2.0, device=DEVICE),
           torch.randn(33, device=DEVICE), torch.bfloat16)),
     ]
@@ -42,7 +42,7 @@ def test_custom_op_is_the_launcher():
     x = torch.randn(19, 37, device=DEVICE)
     from lowbit import kernels
 
-    for got, want in zip(_compiled_ops.quantize_rowwise(x), kernels.quantize_rowwise(x)):
+    for got, want in zip(_compiled_ops.launch_quantize_rowwise(x), kernels.quantize_rowwise(x)):
         assert_bitwise_equal(got, want)
 
 
