@@ -73,6 +73,36 @@ def check_int8_matmul(
         raise ValueError(f"{op}: tensors on different devices {sorted(str(d) for d in devices)}")
 
 
+def linear_inputs(
+    input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """What every lowbit F.linear does first: cast as autocast would, then check (check_linear_inputs)."""
+    input, weight, bias = autocast_linear_inputs(input, weight, bias)
+    check_linear_inputs(input, weight, bias, layer)
+    return input, weight, bias
+
+
+def vmap_each_member(info, in_dims, apply, input, weight, bias, *args):
+    """A vmap rule that runs `apply(input, weight, bias, *args)` once per batch member and stacks.
+
+    For a batch of weights (model ensembles), or formats whose scales span the whole tensor: each
+    member is its own layer, quantized on its own, so a batch is not just more rows. `apply` may
+    return a tensor or a tuple of tensors; every output is batched along dim 0.
+    """
+
+    def member(t, dim, i):
+        return t if dim is None else t.select(dim, i)
+
+    input_dim, weight_dim, bias_dim = in_dims[:3]
+    outs = [
+        apply(member(input, input_dim, i), member(weight, weight_dim, i), member(bias, bias_dim, i), *args)
+        for i in range(info.batch_size)
+    ]
+    if isinstance(outs[0], tuple):
+        return tuple(torch.stack(parts) for parts in zip(*outs)), (0,) * len(outs[0])
+    return torch.stack(outs), 0
+
+
 def autocast_linear_inputs(
     input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:

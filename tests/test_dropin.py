@@ -268,6 +268,24 @@ def test_float64_is_computed_by_the_rule_and_returned_in_float64(name):
     assert sqnr_db(exact(layer, x.detach()), out) >= FLOOR_DB[name]
 
 
+@pytest.mark.parametrize("name", [n for n in VARIANTS if layer_spec(n).cls is SwitchBackLinear])
+def test_float64_layers_run_the_triton_kernels_as_the_torch_twins(name):
+    """A float64 bias reaches the kernels' fp32 epilogue as fp32 (the kernels take no float64)."""
+    layer = VARIANTS[name](40, 24, dtype=torch.float64)
+    x = torch.randn(9, 40, dtype=torch.float64)
+    results = []
+    for backend in ("torch", "triton"):
+        with lowbit.use_backend(backend):
+            xb = x.clone().requires_grad_()
+            out = layer(xb)
+            out.square().sum().backward()
+            results.append((out.detach(), xb.grad, layer.weight.grad, layer.bias.grad))
+            layer.zero_grad(set_to_none=True)
+    for want, got in zip(*results):
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-9)
+
+
 # --- K = 1 (torch._int_mm mis-sums a (1, N) int8 view with strides (1, 1) on some versions) ---------
 
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 import torch
 
 from lowbit._inputs import (
-    autocast_linear_inputs,
     autocast_off,
-    check_linear_inputs,
     flatten_rows,
+    linear_inputs,
     matmul_dtype,
     quantizable,
     unflatten_output,
+    vmap_each_member,
 )
 from lowbit.float8 import ops as fp8_ops
 from lowbit.float8.config import Float8Config
@@ -120,18 +120,7 @@ class _Float8Matmul(torch.autograd.Function):
             batch = info.batch_size
             return (out, x_fp8.reshape(batch, -1, x_fp8.shape[-1]), x_scale_inv.reshape(batch, -1, 1)), (0, 0, 0)
         # One scale per tensor (or a batch of weights): each batch member is scaled on its own.
-        outs = [
-            _Float8Matmul.apply(
-                input if input_dim is None else input.select(input_dim, i),
-                weight if weight_dim is None else weight.select(weight_dim, i),
-                bias if bias_dim is None else bias.select(bias_dim, i),
-                config,
-                scaled_mm,
-                input_fp8,
-            )
-            for i in range(info.batch_size)
-        ]
-        return tuple(torch.stack(parts) for parts in zip(*outs)), (0, 0, 0)
+        return vmap_each_member(info, in_dims, _Float8Matmul.apply, input, weight, bias, config, scaled_mm, input_fp8)
 
 
 def float8_linear(
@@ -156,8 +145,7 @@ def float8_linear(
     Raises:
         RuntimeError: config.simulate is False and the input's device has no fp8 matmul.
     """
-    input, weight, bias = autocast_linear_inputs(input, weight, bias)
-    check_linear_inputs(input, weight, bias, "float8_linear")
+    input, weight, bias = linear_inputs(input, weight, bias, "float8_linear")
     scaled_mm = fp8_ops.use_scaled_mm(config.simulate, input.device)
     with autocast_off(input.device.type):  # inputs are already cast; the fp8 ops pick their own dtypes
         return _Float8Matmul.apply(input, weight, bias, config, scaled_mm, E4M3)[0]

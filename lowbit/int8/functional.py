@@ -17,13 +17,13 @@ import dataclasses
 import torch
 
 from lowbit._inputs import (
-    autocast_linear_inputs,
     autocast_off,
-    check_linear_inputs,
     flatten_rows,
+    linear_inputs,
     matmul_dtype,
     quantizable,
     unflatten_output,
+    vmap_each_member,
 )
 from lowbit.int8 import ops
 from lowbit.int8.config import SwitchBackConfig
@@ -112,6 +112,8 @@ class _SwitchBackMatmul(torch.autograd.Function):
         x = flatten_rows(input)
         x_int8, x_absmax = ops.quantize_rowwise(quantizable(x))
         w_int8, w_absmax = frozen_weight if frozen_weight is not None else quantize_weight(weight, config)
+        # A float64 bias is added in fp32 like the rest of the epilogue (the kernels read fp32/16-bit).
+        bias = None if bias is None else quantizable(bias)
         out = ops.int8_matmul_dequant(
             x_int8, w_int8.t(), x_absmax, w_absmax, bias=bias, out_dtype=matmul_dtype(input.dtype)
         )
@@ -179,18 +181,7 @@ class _SwitchBackMatmul(torch.autograd.Function):
             batch = info.batch_size
             return (out, x_int8.reshape(batch, -1, x_int8.shape[-1]), x_absmax.reshape(batch, -1)), (0, 0, 0)
         # A batch of weights (model ensembles): each member is its own layer, quantized on its own.
-        outs = []
-        for i in range(info.batch_size):
-            outs.append(
-                _SwitchBackMatmul.apply(
-                    input if input_dim is None else input.select(input_dim, i),
-                    weight if weight_dim is None else weight.select(weight_dim, i),
-                    bias if bias_dim is None else bias.select(bias_dim, i),
-                    config,
-                    None,
-                )
-            )
-        return tuple(torch.stack(parts) for parts in zip(*outs)), (0, 0, 0)
+        return vmap_each_member(info, in_dims, _SwitchBackMatmul.apply, input, weight, bias, config, None)
 
 
 def switchback_linear(
@@ -215,8 +206,7 @@ def switchback_linear(
         an all-zero row gives the bias.
     """
     param = weight
-    input, weight, bias = autocast_linear_inputs(input, weight, bias)
-    check_linear_inputs(input, weight, bias, "switchback_linear")
+    input, weight, bias = linear_inputs(input, weight, bias, "switchback_linear")
     w_frozen = frozen_weight.lookup(param, weight) if frozen_weight is not None else None
     with autocast_off(input.device.type):  # inputs are already cast; the int8 ops pick their own dtypes
         return _SwitchBackMatmul.apply(input, weight, bias, config, w_frozen)[0]

@@ -11,13 +11,13 @@ from __future__ import annotations
 import torch
 
 from lowbit._inputs import (
-    autocast_linear_inputs,
     autocast_off,
-    check_linear_inputs,
     flatten_rows,
+    linear_inputs,
     matmul_dtype,
     quantizable,
     unflatten_output,
+    vmap_each_member,
 )
 from lowbit.mx import ops as block_ops
 from lowbit.mx.config import BlockConfig
@@ -83,17 +83,7 @@ class _BlockMatmul(torch.autograd.Function):
     def vmap(info, in_dims, input, weight, bias, config):
         # Each batch member on its own: nvfp4's tensor scale and fp8-blockwise's weight blocks are
         # per tensor, so a batch is not just more rows.
-        input_dim, weight_dim, bias_dim = in_dims[:3]
-        outs = [
-            _BlockMatmul.apply(
-                input if input_dim is None else input.select(input_dim, i),
-                weight if weight_dim is None else weight.select(weight_dim, i),
-                bias if bias_dim is None else bias.select(bias_dim, i),
-                config,
-            )
-            for i in range(info.batch_size)
-        ]
-        return torch.stack(outs), 0
+        return vmap_each_member(info, in_dims, _BlockMatmul.apply, input, weight, bias, config)
 
 
 def block_linear(
@@ -115,8 +105,7 @@ def block_linear(
         (..., N) tensor, simulated in plain torch (lowbit.mx.ops gives the rules). A block holding
         inf or NaN gives NaN in the outputs that read it (for nvfp4, every output: one tensor scale).
     """
-    input, weight, bias = autocast_linear_inputs(input, weight, bias)
-    check_linear_inputs(input, weight, bias, "block_linear")
+    input, weight, bias = linear_inputs(input, weight, bias, "block_linear")
     note = block_ops.simulation_note(config.format, input.device)
     if note is not None:
         block_ops.note_simulated(note)
