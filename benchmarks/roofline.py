@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import os
 
@@ -95,7 +96,11 @@ class Recorder(TorchDispatchMode):
 @contextlib.contextmanager
 def recorded_triton_launchers(rec: Recorder):
     """lowbit.kernels' launchers replaced by recorders that count their traffic and return meta outputs."""
+    import triton
+
     from lowbit import kernels
+
+    rowwise = importlib.import_module("lowbit.kernels.quantize_rowwise")
 
     def quantize(name, transposed):
         def launcher(x, **kwargs):
@@ -117,8 +122,19 @@ def recorded_triton_launchers(rec: Recorder):
         rec.add("int8_matmul_dequant", reads + out.numel() * out.element_size(), 2 * m * n * k, "int8")
         return out
 
+    def quantize_rowwise_column_sums(x):
+        (m, k), programs = x.shape, triton.cdiv(x.shape[0], rowwise.rows_per_program(x.shape[0]))
+        with rec.paused():
+            q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+            scales, sums = torch.empty(m, device=x.device), torch.empty(k, device=x.device)
+        # one read of x; q, the row scales and each program's fp32 column sums written ...
+        rec.add("quantize_rowwise_column_sums", x.numel() * x.element_size() + q.numel() + 4 * m + 4 * programs * k)
+        rec.add("sum", 4 * programs * k + 4 * k)  # ... and the reduce over programs
+        return q, scales, sums
+
     # lowbit.int8.ops calls the launch_* entries (it has checked the inputs already).
     originals = {name: getattr(kernels, name) for name in ("launch_quantize_rowwise", "launch_quantize_tensorwise",
+                                                          "launch_quantize_rowwise_column_sums",
                                                           "launch_quantize_colwise_transposed",
                                                           "launch_int8_matmul_dequant")}
     kernels.launch_quantize_rowwise = quantize("quantize_rowwise", False)
@@ -127,6 +143,7 @@ def recorded_triton_launchers(rec: Recorder):
     tensorwise_t = quantize("quantize_tensorwise", True)
     kernels.launch_quantize_tensorwise = lambda x, *, transpose=False: (tensorwise_t if transpose else tensorwise)(x)
     kernels.launch_int8_matmul_dequant = int8_matmul_dequant
+    kernels.launch_quantize_rowwise_column_sums = quantize_rowwise_column_sums
     # Nothing is interpreted (the launchers are swapped out), but lowbit's triton backend takes
     # non-CUDA tensors only under the interpreter's flag, read at each call.
     flag = os.environ.get("TRITON_INTERPRET")
@@ -174,6 +191,13 @@ def predict(launches: list[dict], gpu: dict) -> float:
     return sum(max(op["flops"] / gpu[op["kind"]], op["bytes"] / gpu["bandwidth"]) + LAUNCH_S for op in launches)
 
 
+def minimum_bytes(tokens: int, dim_in: int, dim_out: int) -> int:
+    """The least a bf16 SwitchBack fwd+bwd with bias can touch: 8 B per element of x and of the output
+    (x read twice, g read twice and grad_x / out written, or their int8 copies), 10 B per weight
+    element (read twice, written as int8 twice), the bias gradient folded into the pass over g."""
+    return 8 * tokens * dim_in + 8 * tokens * dim_out + 10 * dim_in * dim_out
+
+
 def run(tokens: int, dim_in: int, dim_out: int) -> dict:
     cases = {
         "switchback": record_layer(tokens, dim_in, dim_out, SwitchBackConfig()),
@@ -191,6 +215,7 @@ def run(tokens: int, dim_in: int, dim_out: int) -> dict:
             name: {
                 "launches": launches,
                 "bytes": sum(op["bytes"] for op in launches),
+                "byte_ratio": sum(op["bytes"] for op in launches) / minimum_bytes(tokens, dim_in, dim_out),
                 "flops": sum(op["flops"] for op in launches),
                 "predicted_s": {gpu: predict(launches, spec) for gpu, spec in GPUS.items()},
             }
@@ -211,10 +236,13 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(result, indent=1))
         return result
     print(f"model ({result['model']}), shape {result['shape']}")
-    print(f"{'case':28} {'launches':>8} {'GB':>8} {'TFLOP':>8} " + " ".join(f"{g + ' us':>10}" for g in GPUS))
+    header = f"{'case':28} {'launches':>8} {'GB':>8} {'/ min':>6} {'TFLOP':>8} "
+    print(header + " ".join(f"{g + ' us':>10}" for g in GPUS))
     for name, case in result["cases"].items():
         times = " ".join(f"{case['predicted_s'][g] * 1e6:10.1f}" for g in GPUS)
-        print(f"{name:28} {len(case['launches']):8d} {case['bytes'] / 1e9:8.3f} {case['flops'] / 1e12:8.3f} {times}")
+        ratio = f"{case['byte_ratio']:6.3f}" if name != "stable_adamw_step" else f"{'':6}"
+        print(f"{name:28} {len(case['launches']):8d} {case['bytes'] / 1e9:8.3f} {ratio} "
+              f"{case['flops'] / 1e12:8.3f} {times}")
     return result
 
 

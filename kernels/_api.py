@@ -13,7 +13,12 @@ except ImportError as err:  # lowbit.int8.ops imports this module only when the 
 from lowbit._inputs import MAX_INNER_DIM
 
 from .int8_matmul import int8_matmul_dequant, launch_int8_matmul_dequant
-from .quantize_rowwise import launch_quantize_rowwise, quantize_rowwise
+from .quantize_rowwise import (
+    launch_quantize_rowwise,
+    launch_quantize_rowwise_column_sums,
+    quantize_rowwise,
+    quantize_rowwise_column_sums,
+)
 from .quantize_tiled import (
     launch_quantize_colwise_transposed,
     launch_quantize_tensorwise,
@@ -27,8 +32,10 @@ __all__ = [
     "launch_int8_matmul_dequant",
     "launch_quantize_colwise_transposed",
     "launch_quantize_rowwise",
+    "launch_quantize_rowwise_column_sums",
     "launch_quantize_tensorwise",
     "quantize_colwise_transposed",
     "quantize_rowwise",
+    "quantize_rowwise_column_sums",
     "quantize_tensorwise",
 ]

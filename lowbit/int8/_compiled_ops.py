@@ -31,6 +31,20 @@ def _(x):
     return x.new_empty(x.shape, dtype=torch.int8), x.new_empty(x.shape[0], dtype=torch.float32)
 
 
+@torch.library.custom_op("lowbit::quantize_rowwise_column_sums", mutates_args=())
+def launch_quantize_rowwise_column_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _kernels().launch_quantize_rowwise_column_sums(x)
+
+
+@launch_quantize_rowwise_column_sums.register_fake
+def _(x):
+    return (
+        x.new_empty(x.shape, dtype=torch.int8),
+        x.new_empty(x.shape[0], dtype=torch.float32),
+        x.new_empty(x.shape[1], dtype=torch.float32),
+    )
+
+
 @torch.library.custom_op("lowbit::quantize_tensorwise", mutates_args=())
 def launch_quantize_tensorwise(x: torch.Tensor, transpose: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return _kernels().launch_quantize_tensorwise(x, transpose=transpose)

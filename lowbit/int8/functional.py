@@ -100,6 +100,29 @@ def _int8_grad_weight(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.stack(parts).sum(dim=0)
 
 
+def _int8_linear(x, weight, bias, config, frozen_weight, *, column_sums=False):
+    """x (M, K) @ weight (N, K).T + bias in int8 -> (out (M, N) in matmul_dtype, x_int8, x_absmax,
+    x's fp32 column sums (K,) if column_sums else None)."""
+    xq = quantizable(x)
+    if column_sums:
+        x_int8, x_absmax, x_sums = ops.quantize_rowwise_column_sums(xq)
+    else:
+        (x_int8, x_absmax), x_sums = ops.quantize_rowwise(xq), None
+    w_int8, w_absmax = frozen_weight if frozen_weight is not None else quantize_weight(weight, config)
+    # A float64 bias is added in fp32 like the rest of the epilogue (the kernels read fp32/16-bit).
+    bias = None if bias is None else quantizable(bias)
+    out = ops.int8_matmul_dequant(x_int8, w_int8.t(), x_absmax, w_absmax, bias=bias, out_dtype=matmul_dtype(x.dtype))
+    return out, x_int8, x_absmax, x_sums
+
+
+def _plain(t: torch.Tensor) -> bool:
+    """Not a torch.func wrapper (vmap's batched or grad's tracked tensors take the Function's path).
+
+    Under torch.compile the traced backward holds no such wrappers (and dynamo cannot trace the test).
+    """
+    return torch.compiler.is_compiling() or not torch._C._functorch.is_functorch_wrapped_tensor(t)
+
+
 class _SwitchBackMatmul(torch.autograd.Function):
     """(out (..., N), x_int8, x_absmax) for out = input (..., K) @ weight (N, K).T + bias.
 
@@ -109,14 +132,7 @@ class _SwitchBackMatmul(torch.autograd.Function):
 
     @staticmethod
     def forward(input, weight, bias, config: SwitchBackConfig, frozen_weight):
-        x = flatten_rows(input)
-        x_int8, x_absmax = ops.quantize_rowwise(quantizable(x))
-        w_int8, w_absmax = frozen_weight if frozen_weight is not None else quantize_weight(weight, config)
-        # A float64 bias is added in fp32 like the rest of the epilogue (the kernels read fp32/16-bit).
-        bias = None if bias is None else quantizable(bias)
-        out = ops.int8_matmul_dequant(
-            x_int8, w_int8.t(), x_absmax, w_absmax, bias=bias, out_dtype=matmul_dtype(input.dtype)
-        )
+        out, x_int8, x_absmax, _ = _int8_linear(flatten_rows(input), weight, bias, config, frozen_weight)
         # Flattened here rather than by the caller, so the output is a fresh tensor, as nn.Linear's is
         # (an output that is a view breaks in-place ops after the layer, e.g. FSDP2's hooks).
         return unflatten_output(out.to(input.dtype), input), x_int8, x_absmax
@@ -145,9 +161,18 @@ class _SwitchBackMatmul(torch.autograd.Function):
         grad_input = grad_weight = grad_bias = None
 
         # grad_input = g @ w, in int8: g row-wise, w tensor-wise (or per input column for "row").
+        # grad_bias = the column sums of g, taken from that same read of g, unless this backward is
+        # itself differentiated (create_graph, torch.func): then both stay differentiable pieces.
+        wants_bias = ctx.bias_dtype is not None and ctx.needs_input_grad[2]
+        g_sums = None
         if ctx.needs_input_grad[0]:
             grad_config = dataclasses.replace(config, mem_efficient=False)
-            grad_input = _SwitchBackMatmul.apply(g, weight.t(), None, grad_config, None)[0]
+            # (float64 keeps its float64 g.sum: the fused sums are fp32.)
+            if wants_bias and not torch.is_grad_enabled() and _plain(g) and g.dtype != torch.float64:
+                grad_input, _, _, g_sums = _int8_linear(g, weight.t(), None, grad_config, None, column_sums=True)
+                grad_input = grad_input.to(g.dtype)
+            else:
+                grad_input = _SwitchBackMatmul.apply(g, weight.t(), None, grad_config, None)[0]
             grad_input = grad_input.reshape(ctx.input_shape)
 
         # grad_weight = g.T @ x, in the input's 16-bit dtype (mem_efficient: against dequantized x).
@@ -165,9 +190,8 @@ class _SwitchBackMatmul(torch.autograd.Function):
                 x = flatten_rows(saved_x[0])
             grad_weight = _int8_grad_weight(g, x) if config.grad_weight == "int8" else g.t().mm(x)
 
-        # grad_bias = sum of g over the rows.
-        if ctx.bias_dtype is not None and ctx.needs_input_grad[2]:
-            grad_bias = g.sum(dim=0).to(ctx.bias_dtype)
+        if wants_bias:
+            grad_bias = (g_sums if g_sums is not None else g.sum(dim=0)).to(ctx.bias_dtype)
 
         return grad_input, grad_weight, grad_bias, None, None
 

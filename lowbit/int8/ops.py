@@ -24,6 +24,7 @@ from lowbit._inputs import MAX_INNER_DIM, check_float_matrix, check_int8_matmul
 
 __all__ = [
     "quantize_rowwise",
+    "quantize_rowwise_column_sums",
     "quantize_tensorwise",
     "quantize_colwise_transposed",
     "dequantize_rowwise",
@@ -84,6 +85,19 @@ def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     absmax = x.float().abs().amax(dim=1) if x.shape[1] else x.new_zeros(x.shape[0], dtype=torch.float32)
     q = _quantize_torch(x, absmax[:, None]).contiguous()
     return q, _nan_if_not_finite(absmax)
+
+
+def quantize_rowwise_column_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """quantize_rowwise(x) and the fp32 column sums of x (K,), from one read of x on the Triton path.
+
+    SwitchBack's grad_bias is the column sum of g, whose rows are quantized for grad_input anyway.
+    The sums are fp32 additions of x's values; their order (and so the last bits) is the backend's.
+    """
+    check_float_matrix(x, "quantize_rowwise_column_sums")
+    if use_triton(x):
+        return _kernels().launch_quantize_rowwise_column_sums(x)
+    q, absmax = quantize_rowwise(x)
+    return q, absmax, x.float().sum(dim=0)
 
 
 def quantize_tensorwise(x: torch.Tensor, *, transpose: bool = False) -> tuple[torch.Tensor, torch.Tensor]:

@@ -86,6 +86,7 @@ def record_launches() -> list[tuple[object, dict]]:
     n = 4096
     x = torch.zeros(n, n, dtype=torch.bfloat16)
     quantize_rowwise.quantize_rowwise(x)
+    quantize_rowwise.quantize_rowwise_column_sums(x)
     quantize_tiled.quantize_colwise_transposed(x)
     quantize_tiled.quantize_tensorwise(x, transpose=True)
     q, scales, tensor_scale = torch.zeros(n, n, dtype=torch.int8), torch.ones(n), torch.ones(())

@@ -64,10 +64,13 @@ def test_every_kernel_and_config_compiled(compiled, cap):
     kernels = {r["kernel"] for r in compiled[cap]}
     assert kernels == {
         "_int8_matmul_dequant_kernel",
-        "_quantize_rowwise_kernel",
+        "_quantize_rowwise_body",
         "_tiled_absmax_kernel",
         "_quantize_tiled_kernel",
     }
+    # the row-wise kernel with and without grad_bias's column sums
+    assert {r["variant"]["COLUMN_SUMS"] for r in compiled[cap] if r["kernel"] == "_quantize_rowwise_body"} == {
+        True, False}
     # the tiled pair runs at both granularities: per column (transposed) and per tensor
     tiled = {(r["kernel"], r["variant"]["PER_COLUMN"]) for r in compiled[cap] if "tiled" in r["kernel"]}
     assert tiled == {(k, g) for k in ("_tiled_absmax_kernel", "_quantize_tiled_kernel") for g in (True, False)}

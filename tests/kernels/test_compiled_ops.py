@@ -20,6 +20,7 @@ def _cases():
     a_absmax = torch.rand(21, device=DEVICE) + 0.5
     return [
         (_compiled_ops.launch_quantize_rowwise, (x,)),
+        (_compiled_ops.launch_quantize_rowwise_column_sums, (x,)),
         (_compiled_ops.launch_quantize_tensorwise, (x, False)),
         (_compiled_ops.launch_quantize_tensorwise, (x.t(), True)),  # non-contiguous input
         (_compiled_ops.launch_quantize_colwise_transposed, (x,)),
@@ -31,7 +32,7 @@ def _cases():
     ]
 
 
-@pytest.mark.parametrize("index", range(6))
+@pytest.mark.parametrize("index", range(7))
 def test_custom_op_passes_opcheck(index):
     op, args = _cases()[index]
     # Schema, fake tensor (shapes, dtypes, strides against the real kernel) and AOT dispatch.
