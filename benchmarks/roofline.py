@@ -132,9 +132,16 @@ def recorded_triton_launchers(rec: Recorder):
         rec.add("sum", 4 * programs * k + 4 * k)  # ... and the reduce over programs
         return q, scales, sums
 
+    def dequantize_rowwise(q, absmax, dtype):
+        with rec.paused():
+            out = torch.empty(q.shape, dtype=dtype, device=q.device)
+        rec.add("dequantize_rowwise", q.numel() + 4 * absmax.numel() + out.numel() * out.element_size())
+        return out
+
     # lowbit.int8.ops calls the launch_* entries (it has checked the inputs already).
     originals = {name: getattr(kernels, name) for name in ("launch_quantize_rowwise", "launch_quantize_tensorwise",
                                                           "launch_quantize_rowwise_column_sums",
+                                                          "launch_dequantize_rowwise",
                                                           "launch_quantize_colwise_transposed",
                                                           "launch_int8_matmul_dequant")}
     kernels.launch_quantize_rowwise = quantize("quantize_rowwise", False)
@@ -144,6 +151,7 @@ def recorded_triton_launchers(rec: Recorder):
     kernels.launch_quantize_tensorwise = lambda x, *, transpose=False: (tensorwise_t if transpose else tensorwise)(x)
     kernels.launch_int8_matmul_dequant = int8_matmul_dequant
     kernels.launch_quantize_rowwise_column_sums = quantize_rowwise_column_sums
+    kernels.launch_dequantize_rowwise = dequantize_rowwise
     # Nothing is interpreted (the launchers are swapped out), but lowbit's triton backend takes
     # non-CUDA tensors only under the interpreter's flag, read at each call.
     flag = os.environ.get("TRITON_INTERPRET")

@@ -12,6 +12,7 @@ except ImportError as err:  # lowbit.int8.ops imports this module only when the 
 # already did (lowbit.int8.ops checks once, at its public entry).
 from lowbit._inputs import MAX_INNER_DIM
 
+from .dequantize_rowwise import launch_dequantize_rowwise
 from .int8_matmul import int8_matmul_dequant, launch_int8_matmul_dequant
 from .quantize_rowwise import (
     launch_quantize_rowwise,
@@ -29,6 +30,7 @@ from .quantize_tiled import (
 __all__ = [
     "MAX_INNER_DIM",
     "int8_matmul_dequant",
+    "launch_dequantize_rowwise",
     "launch_int8_matmul_dequant",
     "launch_quantize_colwise_transposed",
     "launch_quantize_rowwise",

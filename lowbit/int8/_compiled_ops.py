@@ -81,3 +81,13 @@ def launch_int8_matmul_dequant(
 @launch_int8_matmul_dequant.register_fake
 def _(a, b, a_absmax, b_absmax, bias, out_dtype):
     return a.new_empty((a.shape[0], b.shape[1]), dtype=out_dtype)
+
+
+@torch.library.custom_op("lowbit::dequantize_rowwise", mutates_args=())
+def launch_dequantize_rowwise(q: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return _kernels().launch_dequantize_rowwise(q, absmax, dtype)
+
+
+@launch_dequantize_rowwise.register_fake
+def _(q, absmax, dtype):
+    return q.new_empty(q.shape, dtype=dtype)

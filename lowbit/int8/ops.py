@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from lowbit._backend import use_triton
-from lowbit._inputs import MAX_INNER_DIM, check_float_matrix, check_int8_matmul
+from lowbit._inputs import LINEAR_DTYPES, MAX_INNER_DIM, check_float_matrix, check_int8_matmul
 
 __all__ = [
     "quantize_rowwise",
@@ -126,10 +126,21 @@ def quantize_colwise_transposed(x: torch.Tensor) -> tuple[torch.Tensor, torch.Te
 
 
 def dequantize_rowwise(q: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x_hat = q * (absmax / 127) per row: q (M, K) int8, absmax (M,) fp32 -> (M, K) in `dtype`."""
-    if q.dtype != torch.int8 or q.dim() != 2:
-        raise TypeError(f"dequantize_rowwise: expected a 2-D int8 tensor, got {q.dtype} {tuple(q.shape)}")
-    return (q.float() * (absmax[:, None] / 127.0)).to(dtype)
+    """x_hat = q * (absmax / 127) per row: q (M, K) int8, absmax (M,) fp32 -> (M, K) contiguous in `dtype`.
+
+    The product is formed in fp32 and rounded once to `dtype` (float16/bfloat16/float32/float64).
+    """
+    if not isinstance(q, torch.Tensor) or q.dtype != torch.int8 or q.dim() != 2:
+        raise TypeError(f"dequantize_rowwise: expected a 2-D int8 tensor, got {getattr(q, 'dtype', type(q))} "
+                        f"{tuple(getattr(q, 'shape', ()))}")
+    if absmax.shape != (q.shape[0],) or absmax.dtype != torch.float32:
+        raise ValueError(f"dequantize_rowwise: absmax must be ({q.shape[0]},) float32, got {absmax.dtype} "
+                         f"{tuple(absmax.shape)}")
+    if dtype not in LINEAR_DTYPES:
+        raise TypeError(f"dequantize_rowwise: dtype must be float16, bfloat16, float32 or float64, got {dtype}")
+    if use_triton(q):
+        return _kernels().launch_dequantize_rowwise(q, absmax, dtype)
+    return (q.float() * (absmax[:, None] / 127.0)).to(dtype).contiguous()
 
 
 def _int_mm_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -65,6 +65,7 @@ def test_every_kernel_and_config_compiled(compiled, cap):
     assert kernels == {
         "_int8_matmul_dequant_kernel",
         "_quantize_rowwise_body",
+        "_dequantize_rowwise_kernel",
         "_tiled_absmax_kernel",
         "_quantize_tiled_kernel",
     }

@@ -21,6 +21,7 @@ def _cases():
     return [
         (_compiled_ops.launch_quantize_rowwise, (x,)),
         (_compiled_ops.launch_quantize_rowwise_column_sums, (x,)),
+        (_compiled_ops.launch_dequantize_rowwise, (a, a_absmax, torch.bfloat16)),
         (_compiled_ops.launch_quantize_tensorwise, (x, False)),
         (_compiled_ops.launch_quantize_tensorwise, (x.t(), True)),  # non-contiguous input
         (_compiled_ops.launch_quantize_colwise_transposed, (x,)),
@@ -32,7 +33,7 @@ def _cases():
     ]
 
 
-@pytest.mark.parametrize("index", range(7))
+@pytest.mark.parametrize("index", range(8))
 def test_custom_op_passes_opcheck(index):
     op, args = _cases()[index]
     # Schema, fake tensor (shapes, dtypes, strides against the real kernel) and AOT dispatch.
