@@ -72,7 +72,8 @@ def _version(dist: str) -> str | None:
 
 
 def git_commit() -> str:
-    """HEAD's short hash, with "+dirty" when tracked files have uncommitted changes."""
+    """HEAD's short hash, with "+dirty" when tracked files have uncommitted changes; without git (a copy
+    of the tree on a lent GPU), $LOWBIT_COMMIT, as benchmarks/gpu_session.sh is told it."""
     def git(*args: str) -> str:
         return subprocess.run(
             ["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, check=True
@@ -82,7 +83,7 @@ def git_commit() -> str:
         commit = git("rev-parse", "--short=12", "HEAD")
         dirty = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return os.environ.get("LOWBIT_COMMIT", "unknown")
     return commit + ("+dirty" if dirty else "")
 
 

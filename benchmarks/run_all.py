@@ -1,6 +1,7 @@
 """Run lowbit's benchmarks and write results.jsonl, report.md and the speed-up plots.
 
     python benchmarks/run_all.py                  # full suite, for a GPU -> benchmarks/results/<device>/
+    python benchmarks/run_all.py --preset gpu-quick  # the headline cases in minutes, for a short GPU lease
     python benchmarks/run_all.py --quick          # small shapes, minutes on a CPU (not the target)
     python benchmarks/run_all.py --quick --out /tmp/bench_quick --only linear quantize
 
@@ -44,7 +45,7 @@ BENCHES = {
     "optimizer": bench_optimizer.run,
     "clip_step": bench_clip_step.run,
 }
-PRESETS = ("full", "quick", "smoke")
+PRESETS = ("full", "gpu-quick", "quick", "smoke")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -60,6 +61,17 @@ def make_settings(preset: str, device: torch.device, args: argparse.Namespace | 
             "optim_sets": ("ViT-B", "ViT-H"),
             # Batches that fit 80 GB in bf16 autocast with fp32 AdamW state.
             "clip_models": (("ViT-B-32", 256), ("ViT-L-14", 64), ("ViT-H-14", 32)),
+        }
+    elif preset == "gpu-quick":  # the headline cases, under 5 minutes on an H100 (autotuning included)
+        dims, tokens = (1024, 1280, 4096), (32768,)
+        kw = {
+            "timer": TimerConfig(warmup_ms=10, rep_ms=40),
+            "passes": ("fwd+bwd",),
+            "linear_kinds": ("layer d->4d", "layer 4d->d"),
+            "optim_sets": ("ViT-B",),
+            "clip_models": (("ViT-B-32", 128),),
+            "clip_timer": TimerConfig(warmup_ms=500.0, rep_ms=2000.0, min_reps=5, min_warmup=3, max_reps=20,
+                                      gpu_events=True),
         }
     elif preset == "quick":
         dims, tokens = (64, 128), (256, 512)
@@ -115,16 +127,17 @@ def _settings_summary(s: Settings) -> dict:
 
 
 def default_out_dir(env: Env, preset: str) -> Path:
-    """benchmarks/results/<device>/ for a full GPU run; a temporary folder for anything else."""
-    if env.is_cuda and preset == "full":
-        return REPO_ROOT / "benchmarks" / "results" / env.slug
+    """benchmarks/results/<device>[-gpu-quick]/ for a GPU run; a temporary folder for anything else."""
+    if env.is_cuda and preset in ("full", "gpu-quick"):
+        return REPO_ROOT / "benchmarks" / "results" / (env.slug if preset == "full" else f"{env.slug}-{preset}")
     return Path(tempfile.gettempdir()) / "lowbit-bench" / f"{env.slug}-{preset}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="small shapes: minutes on a CPU")
-    p.add_argument("--preset", choices=PRESETS, help="full (default), quick (= --quick) or smoke (tests)")
+    p.add_argument("--preset", choices=PRESETS,
+                   help="full (default), gpu-quick (headline cases), quick (= --quick) or smoke (tests)")
     p.add_argument("--out", type=Path, help="output folder (default: benchmarks/results/<device>/ for a "
                    "full GPU run, else a temporary folder)")
     p.add_argument("--only", nargs="+", choices=list(BENCHES), metavar="NAME",

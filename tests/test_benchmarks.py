@@ -146,6 +146,15 @@ def test_full_preset_covers_the_issue_shapes():
         run_all.make_settings("huge", torch.device("cpu"))
 
 
+def test_gpu_quick_preset_is_the_headline_cases():
+    settings = run_all.make_settings("gpu-quick", torch.device("cpu"))
+    assert settings.dims == (1024, 1280, 4096) and settings.tokens == (32768,)
+    assert settings.passes == ("fwd+bwd",)
+    assert set(settings.linear_kinds) == {"layer d->4d", "layer 4d->d"}
+    assert settings.optim_sets == ("ViT-B",) and [m for m, _ in settings.clip_models] == ["ViT-B-32"]
+    assert run_all.parse_args(["--preset", "gpu-quick"]).preset == "gpu-quick"
+
+
 def test_skip_is_an_exception_with_its_reason():
     with pytest.raises(Skip, match="not installed"):
         optional_import("lowbit_no_such_package", "pip install nothing")

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Everything a short GPU lease should do, in one call (the device tool's `run`, about 15 minutes of
+# device time per session): install, the GPU tests, the gpu-quick benchmarks, one tarball back.
+#
+#   run(command="LOWBIT_COMMIT=<hash> bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=540)
+#
+# .whl/ (git-ignored) may hold wheels the GPU image lacks (open_clip_torch, ftfy, ... ; see the device
+# README). Each step has its own time limit so a hang cannot eat the lease; the results so far are
+# packed whatever fails. Back here: untar into benchmarks/results/ and commit with the device named.
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+out=${OUT:-/tmp/lowbit-gpu-session-out}
+work=$(mktemp -d)/gpu-session
+mkdir -p "$out" "$work"
+start=$SECONDS
+step() { echo "== $1 ($((SECONDS - start)) s)" | tee -a "$work/steps.log"; }
+
+step "install"
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+        .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+python3 -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | tail -3
+
+step "versions"
+{
+    echo "commit: ${LOWBIT_COMMIT:-unknown}"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
+    python3 - <<'PY'
+import importlib.metadata as md
+import torch
+print("device:", torch.cuda.get_device_name(), "capability", torch.cuda.get_device_capability())
+for name in ("torch", "triton", "lowbit", "timm", "open_clip_torch", "torchao", "bitsandbytes"):
+    try:
+        print(f"{name}: {md.version(name)}")
+    except md.PackageNotFoundError:
+        print(f"{name}: not installed")
+PY
+} > "$work/versions.txt" 2>&1
+cat "$work/versions.txt"
+
+step "pytest -m gpu"
+timeout 180 python3 -m pytest -m gpu -q -p no:cacheprovider 2>&1 | tee "$work/pytest-gpu.log" | tail -15
+
+step "benchmarks --preset gpu-quick"
+timeout 300 python3 benchmarks/run_all.py --preset gpu-quick --out "$work/bench" --quiet 2>&1 \
+    | tee "$work/bench.log" | tail -25
+
+step "pack"
+tar czf "$out/gpu-session.tgz" -C "$(dirname "$work")" gpu-session
+cp "$work/steps.log" "$work/versions.txt" "$out/" 2>/dev/null
+cp "$work/bench/report.md" "$out/" 2>/dev/null
+echo "== done in $((SECONDS - start)) s: $out/gpu-session.tgz"
