@@ -35,7 +35,7 @@ GPUS = {
 LAUNCH_S = 3e-6  # per kernel launch, eager mode
 _MATMULS = {"mm", "addmm", "bmm", "_int_mm"}
 # Allocations, views and profiler markers: no kernel behind them.
-_NO_KERNEL = {"empty", "empty_like", "empty_strided", "_unsafe_view", "detach",
+_NO_KERNEL = {"empty", "empty_like", "empty_strided", "new_empty", "_unsafe_view", "detach",
               "_record_function_enter_new", "_record_function_exit"}
 
 
@@ -132,6 +132,13 @@ def recorded_triton_launchers(rec: Recorder):
         rec.add("sum", 4 * programs * k + 4 * k)  # ... and the reduce over programs
         return q, scales, sums
 
+    def quantize_tensorwise_and_transpose(x):
+        with rec.paused():
+            q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+            q_t, scale = torch.empty(x.shape[::-1], dtype=torch.int8, device=x.device), torch.empty((), device=x.device)
+        rec.add("quantize_tensorwise_and_transpose", 2 * x.numel() * x.element_size() + 2 * q.numel() + 4)
+        return q, q_t, scale
+
     def dequantize_rowwise(q, absmax, dtype):
         with rec.paused():
             out = torch.empty(q.shape, dtype=dtype, device=q.device)
@@ -142,6 +149,7 @@ def recorded_triton_launchers(rec: Recorder):
     originals = {name: getattr(kernels, name) for name in ("launch_quantize_rowwise", "launch_quantize_tensorwise",
                                                           "launch_quantize_rowwise_column_sums",
                                                           "launch_dequantize_rowwise",
+                                                          "launch_quantize_tensorwise_and_transpose",
                                                           "launch_quantize_colwise_transposed",
                                                           "launch_int8_matmul_dequant")}
     kernels.launch_quantize_rowwise = quantize("quantize_rowwise", False)
@@ -152,6 +160,7 @@ def recorded_triton_launchers(rec: Recorder):
     kernels.launch_int8_matmul_dequant = int8_matmul_dequant
     kernels.launch_quantize_rowwise_column_sums = quantize_rowwise_column_sums
     kernels.launch_dequantize_rowwise = dequantize_rowwise
+    kernels.launch_quantize_tensorwise_and_transpose = quantize_tensorwise_and_transpose
     # Nothing is interpreted (the launchers are swapped out), but lowbit's triton backend takes
     # non-CUDA tensors only under the interpreter's flag, read at each call.
     flag = os.environ.get("TRITON_INTERPRET")

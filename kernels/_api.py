@@ -23,8 +23,10 @@ from .quantize_rowwise import (
 from .quantize_tiled import (
     launch_quantize_colwise_transposed,
     launch_quantize_tensorwise,
+    launch_quantize_tensorwise_and_transpose,
     quantize_colwise_transposed,
     quantize_tensorwise,
+    quantize_tensorwise_and_transpose,
 )
 
 __all__ = [
@@ -36,8 +38,10 @@ __all__ = [
     "launch_quantize_rowwise",
     "launch_quantize_rowwise_column_sums",
     "launch_quantize_tensorwise",
+    "launch_quantize_tensorwise_and_transpose",
     "quantize_colwise_transposed",
     "quantize_rowwise",
     "quantize_rowwise_column_sums",
     "quantize_tensorwise",
+    "quantize_tensorwise_and_transpose",
 ]

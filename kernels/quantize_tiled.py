@@ -74,16 +74,17 @@ def _tiled_absmax_kernel(
         tl.atomic_max(absmax_bits_ptr, tl.max(col_max, axis=0).to(tl.int32, bitcast=True))
 
 
-@triton.autotune(configs=_QUANTIZE_CONFIGS, key=["M", "K", "PER_COLUMN", "TRANSPOSE"])
 @triton.jit
-def _quantize_tiled_kernel(
-    x_ptr, absmax_bits_ptr, q_ptr, absmax_ptr,
+def _quantize_tiled_body(
+    x_ptr, absmax_bits_ptr, q_ptr, q_t_ptr, absmax_ptr,
     M, K,
     stride_xm, stride_xk,
-    PER_COLUMN: tl.constexpr, TRANSPOSE: tl.constexpr,
+    PER_COLUMN: tl.constexpr, TRANSPOSE: tl.constexpr, BOTH: tl.constexpr,
     BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
 ):
-    """q = clamp(rint(x * 127 / absmax)) per column or per tensor: (M, K) row-major, or (K, M) if TRANSPOSE."""
+    """q = clamp(rint(x * 127 / absmax)) per column or per tensor: (M, K) row-major, or (K, M) if TRANSPOSE;
+    with BOTH, q (M, K) to q_ptr and q^T (K, M) to q_t_ptr from the same tile (SwitchBack's weight:
+    q for the forward, q^T saved for grad_input)."""
     x, offs_m, offs_k, mask = _load_tile(x_ptr, M, K, stride_xm, stride_xk, BLOCK_SIZE_M, BLOCK_SIZE_K)
     mask_k = offs_k < K
     if PER_COLUMN:
@@ -97,6 +98,8 @@ def _quantize_tiled_kernel(
     else:
         q_ptrs = q_ptr + offs_m[:, None] * K + offs_k[None, :]
     tl.store(q_ptrs, q, mask=mask)
+    if BOTH:
+        tl.store(q_t_ptr + offs_k[None, :] * M + offs_m[:, None], q, mask=mask)
     # The first row of programs writes the scales of its columns (or the first program the tensor's).
     if PER_COLUMN:
         if tl.program_id(0) == 0:
@@ -106,13 +109,28 @@ def _quantize_tiled_kernel(
             tl.store(absmax_ptr, _scale_out(absmax))
 
 
-def launch_quantize_tiled(x: torch.Tensor, *, per_column: bool, transpose: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two passes on an x already checked (a 2-D float tensor on a device Triton runs on)."""
+_KEY = ["M", "K", "PER_COLUMN", "TRANSPOSE", "BOTH"]
+_quantize_tiled_kernel = triton.autotune(configs=_QUANTIZE_CONFIGS, key=_KEY)(_quantize_tiled_body)
+# Two stores per tile: 64 x 128 at 4 warps spilled 48 bytes on sm_90 (tests/kernels/test_compile_targets.py).
+_quantize_tiled_both_kernel = triton.autotune(
+    configs=[c for c in _QUANTIZE_CONFIGS if INTERPRET or (c.kwargs["BLOCK_SIZE_M"], c.kwargs["BLOCK_SIZE_K"],
+                                                          c.num_warps) != (64, 128, 4)],
+    key=_KEY,
+)(_quantize_tiled_body)
+
+
+def launch_quantize_tiled(
+    x: torch.Tensor, *, per_column: bool, transpose: bool, both: bool = False
+) -> tuple[torch.Tensor, ...]:
+    """The two passes on an x already checked (a 2-D float tensor on a device Triton runs on):
+    (q, absmax), or (q, q^T, absmax) if both."""
     M, K = x.shape
     q = torch.empty((K, M) if transpose else (M, K), dtype=torch.int8, device=x.device)
+    q_t = torch.empty((K, M), dtype=torch.int8, device=x.device) if both else q
     scale_shape = (K,) if per_column else ()
     if M == 0 or K == 0:  # nothing to read: an empty group has absmax 0, like the torch twin
-        return q, torch.zeros(scale_shape, dtype=torch.float32, device=x.device)
+        absmax = torch.zeros(scale_shape, dtype=torch.float32, device=x.device)
+        return (q, q_t, absmax) if both else (q, absmax)
     # Written in full by pass 2 (every column has a program in the first row of the grid).
     absmax = torch.empty(scale_shape, dtype=torch.float32, device=x.device)
     absmax_bits = torch.zeros(scale_shape, dtype=torch.int32, device=x.device)  # +0.0; |x| >= 0
@@ -127,14 +145,15 @@ def launch_quantize_tiled(x: torch.Tensor, *, per_column: bool, transpose: bool)
         PER_COLUMN=per_column,
         **LAUNCH_OPTIONS,
     )
-    _quantize_tiled_kernel[grid](
-        x_ptr=x, absmax_bits_ptr=absmax_bits, q_ptr=q, absmax_ptr=absmax,
+    kernel = _quantize_tiled_both_kernel if both else _quantize_tiled_kernel
+    kernel[grid](
+        x_ptr=x, absmax_bits_ptr=absmax_bits, q_ptr=q, q_t_ptr=q_t, absmax_ptr=absmax,
         M=M, K=K,
         stride_xm=x.stride(0), stride_xk=x.stride(1),
-        PER_COLUMN=per_column, TRANSPOSE=transpose,
+        PER_COLUMN=per_column, TRANSPOSE=transpose, BOTH=both,
         **LAUNCH_OPTIONS,
     )
-    return q, absmax
+    return (q, q_t, absmax) if both else (q, absmax)
 
 
 def launch_quantize_colwise_transposed(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,6 +162,17 @@ def launch_quantize_colwise_transposed(x: torch.Tensor) -> tuple[torch.Tensor, t
 
 def launch_quantize_tensorwise(x: torch.Tensor, *, transpose: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     return launch_quantize_tiled(x, per_column=False, transpose=bool(transpose))
+
+
+def launch_quantize_tensorwise_and_transpose(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return launch_quantize_tiled(x, per_column=False, transpose=False, both=True)
+
+
+def quantize_tensorwise_and_transpose(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tensor-wise absmax int8 written both ways in one pass: x (M, K) -> q (M, K), q^T (K, M), both
+    contiguous, and absmax () fp32 (the same values as quantize_tensorwise, with and without transpose)."""
+    check_float_matrix(x, "quantize_tensorwise_and_transpose")
+    return launch_quantize_tensorwise_and_transpose(x)
 
 
 def quantize_colwise_transposed(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -56,6 +56,20 @@ def _(x, transpose):
     return x.new_empty(shape, dtype=torch.int8), x.new_empty((), dtype=torch.float32)
 
 
+@torch.library.custom_op("lowbit::quantize_tensorwise_and_transpose", mutates_args=())
+def launch_quantize_tensorwise_and_transpose(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _kernels().launch_quantize_tensorwise_and_transpose(x)
+
+
+@launch_quantize_tensorwise_and_transpose.register_fake
+def _(x):
+    return (
+        x.new_empty(x.shape, dtype=torch.int8),
+        x.new_empty((x.shape[1], x.shape[0]), dtype=torch.int8),
+        x.new_empty((), dtype=torch.float32),
+    )
+
+
 @torch.library.custom_op("lowbit::quantize_colwise_transposed", mutates_args=())
 def launch_quantize_colwise_transposed(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _kernels().launch_quantize_colwise_transposed(x)

@@ -94,25 +94,36 @@ def _int8_grad_weight(g: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """
     chunk = GRAD_WEIGHT_CHUNK
     parts = [
-        _SwitchBackMatmul.apply(g[i : i + chunk].t(), x[i : i + chunk].t(), None, _PER_FEATURE, None)[0]
+        _SwitchBackMatmul.apply(g[i : i + chunk].t(), x[i : i + chunk].t(), None, _PER_FEATURE, None, False)[0]
         for i in range(0, max(g.shape[0], 1), chunk)
     ]
     return parts[0] if len(parts) == 1 else torch.stack(parts).sum(dim=0)
 
 
-def _int8_linear(x, weight, bias, config, frozen_weight, *, column_sums=False):
+def _int8_linear(x, weight, bias, config, frozen_weight, *, column_sums=False, keep_weight_t=False):
     """x (M, K) @ weight (N, K).T + bias in int8 -> (out (M, N) in matmul_dtype, x_int8, x_absmax,
-    x's fp32 column sums (K,) if column_sums else None)."""
+    x's fp32 column sums (K,) if column_sums else None, (q(w)^T, its scale) if keep_weight_t else None).
+
+    keep_weight_t (tensor-wise weight only): q(w)^T is written in the same pass as q(w); grad_input's
+    GEMM takes it as is, so the weight is quantized once per step, not again in backward.
+    """
     xq = quantizable(x)
     if column_sums:
         x_int8, x_absmax, x_sums = ops.quantize_rowwise_column_sums(xq)
     else:
         (x_int8, x_absmax), x_sums = ops.quantize_rowwise(xq), None
-    w_int8, w_absmax = frozen_weight if frozen_weight is not None else quantize_weight(weight, config)
+    weight_t = None
+    if frozen_weight is not None:
+        w_int8, w_absmax = frozen_weight
+    elif keep_weight_t:
+        w_int8, w_int8_t, w_absmax = ops.quantize_tensorwise_and_transpose(quantizable(weight))
+        weight_t = (w_int8_t, w_absmax)
+    else:
+        w_int8, w_absmax = quantize_weight(weight, config)
     # A float64 bias is added in fp32 like the rest of the epilogue (the kernels read fp32/16-bit).
     bias = None if bias is None else quantizable(bias)
     out = ops.int8_matmul_dequant(x_int8, w_int8.t(), x_absmax, w_absmax, bias=bias, out_dtype=matmul_dtype(x.dtype))
-    return out, x_int8, x_absmax, x_sums
+    return out, x_int8, x_absmax, x_sums, weight_t
 
 
 def _plain(t: torch.Tensor) -> bool:
@@ -124,55 +135,69 @@ def _plain(t: torch.Tensor) -> bool:
 
 
 class _SwitchBackMatmul(torch.autograd.Function):
-    """(out (..., N), x_int8, x_absmax) for out = input (..., K) @ weight (N, K).T + bias.
+    """(out (..., N), x_int8, x_absmax, w_int8_t, w_absmax) for out = input (..., K) @ weight (N, K).T + bias.
 
     int8 forward and grad_input, high-precision grad_weight. x_int8 / x_absmax (the row-wise int8
-    input) are returned for mem_efficient's backward; they carry no gradient.
+    input) are returned for mem_efficient's backward, w_int8_t / w_absmax (the tensor-wise int8
+    weight, transposed; empty unless kept) for grad_input's; they carry no gradient.
     """
 
     @staticmethod
-    def forward(input, weight, bias, config: SwitchBackConfig, frozen_weight):
-        out, x_int8, x_absmax, _ = _int8_linear(flatten_rows(input), weight, bias, config, frozen_weight)
+    def forward(input, weight, bias, config: SwitchBackConfig, frozen_weight, grad_enabled: bool):
+        # Only a backward that computes grad_input reads q(w)^T. Grad mode is off in here, so the
+        # caller says whether it was on (no_grad inference writes no transposed copy).
+        keep = grad_enabled and frozen_weight is None and config.weight_quant == "tensor" and input.requires_grad
+        out, x_int8, x_absmax, _, weight_t = _int8_linear(
+            flatten_rows(input), weight, bias, config, frozen_weight, keep_weight_t=keep
+        )
+        if weight_t is None:  # outputs must be tensors: empty placeholders
+            weight_t = (weight.new_empty(0, dtype=torch.int8), weight.new_empty(0, dtype=torch.float32))
         # Flattened here rather than by the caller, so the output is a fresh tensor, as nn.Linear's is
         # (an output that is a view breaks in-place ops after the layer, e.g. FSDP2's hooks).
-        return unflatten_output(out.to(input.dtype), input), x_int8, x_absmax
+        return unflatten_output(out.to(input.dtype), input), x_int8, x_absmax, *weight_t
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, weight, bias, config, _ = inputs
-        _, x_int8, x_absmax = output
-        ctx.mark_non_differentiable(x_int8, x_absmax)
+        input, weight, bias, config, _, _ = inputs
+        _, x_int8, x_absmax, w_int8_t, w_absmax = output
+        ctx.mark_non_differentiable(x_int8, x_absmax, w_int8_t, w_absmax)
         ctx.config = config
         ctx.input_shape = input.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
+        # Whether forward wrote q(w)^T (2-D) or a placeholder (1-D, empty).
+        ctx.weight_t_kept = w_int8_t.dim() == 2 and ctx.needs_input_grad[0]
+        weight_t = (w_int8_t, w_absmax) if ctx.weight_t_kept else (None, None)
         # x is needed only for grad_weight: keep it, or its int8 copy, only then.
         if not ctx.needs_input_grad[1]:
-            ctx.save_for_backward(weight)
+            ctx.save_for_backward(weight, *weight_t)
         elif config.mem_efficient:
-            ctx.save_for_backward(weight, x_int8, x_absmax)
+            ctx.save_for_backward(weight, *weight_t, x_int8, x_absmax)
         else:
-            ctx.save_for_backward(weight, input)
+            ctx.save_for_backward(weight, *weight_t, input)
 
     @staticmethod
-    def backward(ctx, grad_output, _grad_x_int8, _grad_x_absmax):
-        weight, *saved_x = ctx.saved_tensors
+    def backward(ctx, grad_output, _grad_x_int8, _grad_x_absmax, _grad_w_int8_t, _grad_w_absmax):
+        weight, w_int8_t, w_absmax, *saved_x = ctx.saved_tensors
         config = ctx.config
         g = flatten_rows(grad_output)
         grad_input = grad_weight = grad_bias = None
 
         # grad_input = g @ w, in int8: g row-wise, w tensor-wise (or per input column for "row").
-        # grad_bias = the column sums of g, taken from that same read of g, unless this backward is
-        # itself differentiated (create_graph, torch.func): then both stay differentiable pieces.
+        # grad_bias = the column sums of g, taken from that same read of g, and the forward's q(w)^T
+        # reused, unless this backward is itself differentiated (create_graph, torch.func): then
+        # grad_input is this Function again and grad_bias g.sum, both differentiable.
         wants_bias = ctx.bias_dtype is not None and ctx.needs_input_grad[2]
         g_sums = None
         if ctx.needs_input_grad[0]:
             grad_config = dataclasses.replace(config, mem_efficient=False)
-            # (float64 keeps its float64 g.sum: the fused sums are fp32.)
-            if wants_bias and not torch.is_grad_enabled() and _plain(g) and g.dtype != torch.float64:
-                grad_input, _, _, g_sums = _int8_linear(g, weight.t(), None, grad_config, None, column_sums=True)
+            if not torch.is_grad_enabled() and _plain(g):
+                weight_t = (w_int8_t, w_absmax) if ctx.weight_t_kept else None  # = quantize_weight(w.T)
+                # (float64 keeps its float64 g.sum: the fused sums are fp32.)
+                sums = wants_bias and g.dtype != torch.float64
+                grad_input, _, _, g_sums, _ = _int8_linear(g, weight.t(), None, grad_config, weight_t, column_sums=sums)
                 grad_input = grad_input.to(g.dtype)
             else:
-                grad_input = _SwitchBackMatmul.apply(g, weight.t(), None, grad_config, None)[0]
+                grad_input = _SwitchBackMatmul.apply(g, weight.t(), None, grad_config, None, True)[0]
             grad_input = grad_input.reshape(ctx.input_shape)
 
         # grad_weight = g.T @ x, in the input's 16-bit dtype (mem_efficient: against dequantized x).
@@ -193,19 +218,22 @@ class _SwitchBackMatmul(torch.autograd.Function):
         if wants_bias:
             grad_bias = (g_sums if g_sums is not None else g.sum(dim=0)).to(ctx.bias_dtype)
 
-        return grad_input, grad_weight, grad_bias, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None
 
     @staticmethod
-    def vmap(info, in_dims, input, weight, bias, config, frozen_weight):
-        input_dim, weight_dim, bias_dim, _, _ = in_dims
+    def vmap(info, in_dims, input, weight, bias, config, frozen_weight, grad_enabled):
+        input_dim, weight_dim, bias_dim = in_dims[:3]
         if weight_dim is None and bias_dim is None:
             # Rows are quantized one by one, so a batch of inputs is just more rows: one call.
             x = input.movedim(input_dim, 0)
-            out, x_int8, x_absmax = _SwitchBackMatmul.apply(x, weight, bias, config, frozen_weight)
+            out, x_int8, x_absmax, w_int8_t, w_absmax = _SwitchBackMatmul.apply(
+                x, weight, bias, config, frozen_weight, grad_enabled
+            )
             batch = info.batch_size
-            return (out, x_int8.reshape(batch, -1, x_int8.shape[-1]), x_absmax.reshape(batch, -1)), (0, 0, 0)
+            x_int8, x_absmax = x_int8.reshape(batch, -1, x_int8.shape[-1]), x_absmax.reshape(batch, -1)
+            return (out, x_int8, x_absmax, w_int8_t, w_absmax), (0, 0, 0, None, None)  # one weight: unbatched
         # A batch of weights (model ensembles): each member is its own layer, quantized on its own.
-        return vmap_each_member(info, in_dims, _SwitchBackMatmul.apply, input, weight, bias, config, None)
+        return vmap_each_member(info, in_dims, _SwitchBackMatmul.apply, input, weight, bias, config, None, grad_enabled)
 
 
 def switchback_linear(
@@ -233,4 +261,4 @@ def switchback_linear(
     input, weight, bias = linear_inputs(input, weight, bias, "switchback_linear")
     w_frozen = frozen_weight.lookup(param, weight) if frozen_weight is not None else None
     with autocast_off(input.device.type):  # inputs are already cast; the int8 ops pick their own dtypes
-        return _SwitchBackMatmul.apply(input, weight, bias, config, w_frozen)[0]
+        return _SwitchBackMatmul.apply(input, weight, bias, config, w_frozen, torch.is_grad_enabled())[0]

@@ -26,6 +26,7 @@ __all__ = [
     "quantize_rowwise",
     "quantize_rowwise_column_sums",
     "quantize_tensorwise",
+    "quantize_tensorwise_and_transpose",
     "quantize_colwise_transposed",
     "dequantize_rowwise",
     "int8_matmul_dequant",
@@ -109,6 +110,19 @@ def quantize_tensorwise(x: torch.Tensor, *, transpose: bool = False) -> tuple[to
     q = _quantize_torch(x, absmax)
     q = q.t().contiguous() if transpose else q.contiguous()
     return q, _nan_if_not_finite(absmax)
+
+
+def quantize_tensorwise_and_transpose(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tensor-wise absmax int8 both ways: x (M, K) -> q (M, K), q^T (K, M), both contiguous; absmax () fp32.
+
+    One pass on the Triton path. SwitchBack's tensor-wise weight: q for the forward, q^T kept for
+    grad_input (the same values quantize_tensorwise gives w.T), so the weight is quantized once a step.
+    """
+    check_float_matrix(x, "quantize_tensorwise_and_transpose")
+    if use_triton(x):
+        return _kernels().launch_quantize_tensorwise_and_transpose(x)
+    q, absmax = quantize_tensorwise(x)
+    return q, q.t().contiguous(), absmax
 
 
 def quantize_colwise_transposed(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -89,6 +89,7 @@ def record_launches() -> list[tuple[object, dict]]:
     quantize_rowwise.quantize_rowwise_column_sums(x)
     quantize_tiled.quantize_colwise_transposed(x)
     quantize_tiled.quantize_tensorwise(x, transpose=True)
+    quantize_tiled.quantize_tensorwise_and_transpose(x)
     q, scales, tensor_scale = torch.zeros(n, n, dtype=torch.int8), torch.ones(n), torch.ones(())
     dequantize_rowwise.launch_dequantize_rowwise(q, scales, torch.bfloat16)  # mem-efficient's x for grad_weight
     # forward (x @ w.T, row-wise w, bias) and grad_input (g @ w, tensor-wise w): B is K-major in both

@@ -67,14 +67,15 @@ def test_every_kernel_and_config_compiled(compiled, cap):
         "_quantize_rowwise_body",
         "_dequantize_rowwise_kernel",
         "_tiled_absmax_kernel",
-        "_quantize_tiled_kernel",
+        "_quantize_tiled_body",
     }
     # the row-wise kernel with and without grad_bias's column sums
     assert {r["variant"]["COLUMN_SUMS"] for r in compiled[cap] if r["kernel"] == "_quantize_rowwise_body"} == {
         True, False}
     # the tiled pair runs at both granularities: per column (transposed) and per tensor
     tiled = {(r["kernel"], r["variant"]["PER_COLUMN"]) for r in compiled[cap] if "tiled" in r["kernel"]}
-    assert tiled == {(k, g) for k in ("_tiled_absmax_kernel", "_quantize_tiled_kernel") for g in (True, False)}
+    assert tiled == {(k, g) for k in ("_tiled_absmax_kernel", "_quantize_tiled_body") for g in (True, False)}
+    assert any(r["variant"].get("BOTH") for r in compiled[cap])  # q(w) and q(w)^T in one pass
     gemm = [r for r in compiled[cap] if r["kernel"] == "_int8_matmul_dequant_kernel"]
     configs = importlib.import_module("lowbit.kernels.int8_matmul").configs_for_capability(cap // 10)
     assert len(gemm) == 2 * len(configs)  # two variants (forward, grad_input) x this generation's configs

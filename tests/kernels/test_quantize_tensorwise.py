@@ -139,3 +139,17 @@ def test_gpu_realistic_sizes(shape, dtype, transpose):
     x[shape[0] - 1, shape[1] - 1] = float("nan")
     q, absmax = kernels.quantize_tensorwise(x, transpose=transpose)
     assert (q == 0).all() and absmax.isnan()
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (5, 3), (37, 72), (40, 130), (64, 64)])
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_and_transpose_writes_both_layouts_of_the_same_quantization(shape, dtype):
+    torch.manual_seed(6)
+    x = (torch.randn(shape) * 3).to(dtype).to(DEVICE)
+    q, q_t, absmax = kernels.quantize_tensorwise_and_transpose(x)
+    assert q.is_contiguous() and q_t.is_contiguous() and q_t.shape == shape[::-1]
+    assert_same_quantization((q, absmax), kernels.quantize_tensorwise(x))
+    assert_same_quantization((q_t, absmax), kernels.quantize_tensorwise(x, transpose=True))
+    q2, q2_t, absmax2 = twin("quantize_tensorwise_and_transpose", x)
+    assert_same_quantization((q, absmax), (q2, absmax2))
+    assert_same_quantization((q_t, absmax), (q2_t, absmax2))
