@@ -203,6 +203,34 @@ def record_optimizer_step(dim_in: int, dim_out: int) -> list[dict]:
     return rec.launches
 
 
+def triton_optimizer_step(dim_in: int, dim_out: int) -> list[dict]:
+    """The launches of StableAdamW's Triton step (lowbit/kernels/stable_adamw.py) on the layer's fp32
+    weight and bias, counted from the kernels' loads and stores (they cannot run on the meta device)."""
+    from lowbit.kernels import stable_adamw as kernel
+
+    numels = [dim_out * dim_in, dim_out]
+    n, tensors = sum(numels), len(numels)
+    blocks = sum(-(-m // kernel.BLOCK) for m in numels)
+    return [
+        {"name": "h2d tables", "bytes": 8 * 5 * tensors + 4 * 3 * tensors, "flops": 0, "kind": "bf16"},
+        # g read; v and u read and written; one partial sum per block
+        {"name": "_moments_kernel", "bytes": 4 * n + 16 * n + 4 * blocks, "flops": 0, "kind": "bf16"},
+        {"name": "_sums_kernel", "bytes": 4 * blocks + 4 * tensors, "flops": 0, "kind": "bf16"},
+        # RMS and eta on T-sized tensors: clamp_min, to, div_, sqrt_, div, clamp_min_, reciprocal_, mul_
+        *({"name": op, "bytes": 8 * tensors, "flops": 0, "kind": "bf16"} for op in range(8)),
+        # p, v, u read; p written
+        {"name": "_update_kernel", "bytes": 16 * n, "flops": 0, "kind": "bf16"},
+        {"name": "_foreach_copy_ (rms)", "bytes": 8 * tensors, "flops": 0, "kind": "bf16"},
+    ]
+
+
+def fused_adamw_step(dim_in: int, dim_out: int) -> list[dict]:
+    """torch.optim.AdamW(fused=True) on the same fp32 tensors: one pass reading p, g, m, v and
+    writing p, m, v (28 B per parameter), one launch (a model of its traffic, not a recording)."""
+    n = dim_out * dim_in + dim_out
+    return [{"name": "_fused_adamw_", "bytes": 28 * n, "flops": 0, "kind": "bf16"}]
+
+
 def predict(launches: list[dict], gpu: dict) -> float:
     """Seconds: each launch bound by compute or by memory, plus its launch overhead."""
     return sum(max(op["flops"] / gpu[op["kind"]], op["bytes"] / gpu["bandwidth"]) + LAUNCH_S for op in launches)
@@ -222,6 +250,8 @@ def run(tokens: int, dim_in: int, dim_out: int) -> dict:
         "switchback_rowwise": record_layer(tokens, dim_in, dim_out, SwitchBackConfig(weight_quant="row")),
         "nn_linear": record_layer(tokens, dim_in, dim_out, None),
         "stable_adamw_step": record_optimizer_step(dim_in, dim_out),
+        "stable_adamw_triton_step": triton_optimizer_step(dim_in, dim_out),
+        "fused_adamw_step": fused_adamw_step(dim_in, dim_out),
     }
     return {
         "shape": {"tokens": tokens, "dim_in": dim_in, "dim_out": dim_out},
@@ -257,7 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(header + " ".join(f"{g + ' us':>10}" for g in GPUS))
     for name, case in result["cases"].items():
         times = " ".join(f"{case['predicted_s'][g] * 1e6:10.1f}" for g in GPUS)
-        ratio = f"{case['byte_ratio']:6.3f}" if name != "stable_adamw_step" else f"{'':6}"
+        ratio = f"{case['byte_ratio']:6.3f}" if not name.endswith("_step") else f"{'':6}"
         print(f"{name:28} {len(case['launches']):8d} {case['bytes'] / 1e9:8.3f} {ratio} "
               f"{case['flops'] / 1e12:8.3f} {times}")
     return result

@@ -34,7 +34,8 @@ def test_cli_json(capsys):
     roofline.main(["--tokens", str(T), "--dim", str(K), "--dim-out", str(N), "--json"])
     result = json.loads(capsys.readouterr().out)
     assert set(result["cases"]) == {"switchback", "switchback_mem_efficient", "switchback_rowwise",
-                                    "nn_linear", "stable_adamw_step"}
+                                    "nn_linear", "stable_adamw_step", "stable_adamw_triton_step",
+                                    "fused_adamw_step"}
     for case in result["cases"].values():
         assert set(case["predicted_s"]) == {"A100", "H100", "H200"}
         assert all(t > 0 for t in case["predicted_s"].values())
@@ -56,3 +57,14 @@ def test_byte_ratio_of_the_default_recipe_at_the_issue_shape():
     assert cases["switchback_rowwise"]["byte_ratio"] <= 1.05
     assert cases["switchback"]["byte_ratio"] <= 1.05  # the tensor-wise weight quantized once, both ways
     assert cases["nn_linear"]["byte_ratio"] < cases["switchback_rowwise"]["byte_ratio"]
+
+
+def test_triton_optimizer_step_is_36_bytes_per_parameter_in_a_fixed_number_of_launches():
+    from lowbit.kernels import stable_adamw
+
+    small, large = roofline.triton_optimizer_step(16, 40), roofline.triton_optimizer_step(1024, 4096)
+    assert len(small) == len(large)  # launches do not grow with the tensors
+    n = 1024 * 4096 + 4096
+    big = sum(op["bytes"] for op in large if op["name"] in ("_moments_kernel", "_update_kernel"))
+    blocks = -(-1024 * 4096 // stable_adamw.BLOCK) + -(-4096 // stable_adamw.BLOCK)
+    assert big == 36 * n + 4 * blocks  # g, v, u read, v, u written; p, v, u read, p written; block sums

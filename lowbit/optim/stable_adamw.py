@@ -7,6 +7,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lowbit._backend import use_triton
+from lowbit._inputs import FLOAT_DTYPES
+
 try:  # FSDP2 shards parameters as DTensors; torch.distributed may be missing from a build
     from torch.distributed.tensor import DTensor, Replicate
 except ImportError:  # pragma: no cover
@@ -85,6 +88,9 @@ class StableAdamW(torch.optim.Optimizer):
         }
         _check_hyperparameters(defaults)
         super().__init__(params, defaults)
+        # Block layouts of the Triton step, keyed by (device, tensor sizes): what they hold is a
+        # function of the key alone, so an entry can never be stale.
+        self._layouts: dict = {}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -93,6 +99,7 @@ class StableAdamW(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("_layouts", {})
         for group in self.param_groups:
             group.setdefault("foreach", None)
 
@@ -167,8 +174,9 @@ class StableAdamW(torch.optim.Optimizer):
             foreach = group["foreach"]
             if foreach is None:
                 foreach = all(p.device.type == "cuda" for p in params)
-            update_fn = _foreach_stable_adamw if foreach else _single_tensor_stable_adamw
             beta1, beta2 = group["betas"]
+            extra = {"layouts": self._layouts} if foreach else {}
+            update_fn = _foreach_stable_adamw if foreach else _single_tensor_stable_adamw
             update_fn(
                 params,
                 grads,
@@ -182,6 +190,7 @@ class StableAdamW(torch.optim.Optimizer):
                 eps=group["eps"],
                 weight_decay=group["weight_decay"],
                 clip_threshold=group["clip_threshold"],
+                **extra,
             )
         return loss
 
@@ -296,6 +305,7 @@ def _foreach_stable_adamw(
     eps: float,
     weight_decay: float,
     clip_threshold: float,
+    layouts: dict | None = None,
 ) -> None:
     buckets: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
     for i, p in enumerate(params):
@@ -315,6 +325,11 @@ def _foreach_stable_adamw(
         # b_hat = b (1 - b^(t-1)) / (1 - b^t), per tensor (a tensor may have skipped steps)
         beta1_hats = [_folded_beta(beta1, t) for t in ts]
         beta2_hats = [_folded_beta(beta2, t) for t in ts]
+        if _triton_step_applies(b_params, b_grads, b_exp_avgs, b_exp_avg_sqs):
+            _triton_step(b_params, b_grads, b_exp_avgs, b_exp_avg_sqs, b_rmss, beta1_hats, beta2_hats,
+                         layouts if layouts is not None else {}, lr=lr, eps=eps, weight_decay=weight_decay,
+                         clip_threshold=clip_threshold)
+            continue
         # The update is computed in the state dtype (no copies for fp32 / fp64); grads are never written.
         needs_copy = dtype != b_exp_avgs[0].dtype  # bf16 / fp16
         grads_hp = _copies(b_grads, b_exp_avgs[0].dtype) if needs_copy else b_grads
@@ -350,6 +365,29 @@ def _foreach_stable_adamw(
         del updates
         if needs_copy:
             torch._foreach_copy_(b_params, params_hp)
+
+
+def _triton_step_applies(params, grads, exp_avgs, exp_avg_sqs) -> bool:
+    """Whether lowbit's backend picks its Triton kernels for these tensors and the kernel takes them:
+    fp32 / bf16 / fp16 parameters with gradients of their dtype, no DTensors, every tensor dense."""
+    if params[0].dtype not in FLOAT_DTYPES or not use_triton(params[0]):
+        return False
+    tensors = (*params, *grads, *exp_avgs, *exp_avg_sqs)
+    return all(
+        not _is_dtensor(t) and t.is_contiguous() for t in tensors
+    ) and all(g.dtype == p.dtype for p, g in zip(params, grads))
+
+
+def _triton_step(params, grads, exp_avgs, exp_avg_sqs, rmss, beta1_hats, beta2_hats, layouts, **hyper) -> None:
+    """The foreach step in three Triton launches over every tensor (lowbit/kernels/stable_adamw.py)."""
+    from lowbit.kernels import stable_adamw as kernel  # imported on first use: lowbit imports without Triton
+
+    key = (params[0].device, tuple(p.numel() for p in params))
+    if key not in layouts:
+        layouts[key] = kernel.block_layout(key[1], key[0])
+    per_tensor = [x for b1, b2 in zip(beta1_hats, beta2_hats) for x in (1.0 - b1, b2, 1.0 - b2)]
+    rms = kernel.stable_adamw_step(params, grads, exp_avgs, exp_avg_sqs, per_tensor, layouts[key], **hyper)
+    torch._foreach_copy_(rmss, list(rms.unbind(0)))
 
 
 def _local(t: Tensor) -> Tensor:

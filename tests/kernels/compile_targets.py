@@ -31,11 +31,11 @@ from triton.runtime.autotuner import Autotuner, Heuristics  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 # import_module: lowbit.kernels re-exports functions under their modules' names.
-_common, dequantize_rowwise, int8_matmul, quantize_rowwise, quantize_tiled = (
+_common, dequantize_rowwise, int8_matmul, quantize_rowwise, quantize_tiled, stable_adamw = (
     importlib.import_module(f"lowbit.kernels.{name}")
-    for name in ("_common", "dequantize_rowwise", "int8_matmul", "quantize_rowwise", "quantize_tiled")
+    for name in ("_common", "dequantize_rowwise", "int8_matmul", "quantize_rowwise", "quantize_tiled", "stable_adamw")
 )
-MODULES = (dequantize_rowwise, int8_matmul, quantize_rowwise, quantize_tiled)
+MODULES = (dequantize_rowwise, int8_matmul, quantize_rowwise, quantize_tiled, stable_adamw)
 # Usable shared memory per block: A100 163 KiB, H100/H200 227 KiB (CUDA programming guide, table 21).
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 WARP_SIZE = 32
@@ -95,6 +95,12 @@ def record_launches() -> list[tuple[object, dict]]:
     # forward (x @ w.T, row-wise w, bias) and grad_input (g @ w, tensor-wise w): B is K-major in both
     int8_matmul.int8_matmul_dequant(q, q.t(), scales, scales, bias=scales, out_dtype=torch.bfloat16)
     int8_matmul.int8_matmul_dequant(q, q.t(), scales, tensor_scale, out_dtype=torch.bfloat16)
+    # StableAdamW's step on bf16 parameters with fp32 state, weight decay on
+    params = [torch.zeros(n, n, dtype=torch.bfloat16), torch.zeros(n, dtype=torch.bfloat16)]
+    state = [torch.zeros(p.shape) for p in params]
+    layout = stable_adamw.block_layout(tuple(p.numel() for p in params), torch.device("cpu"))
+    stable_adamw.stable_adamw_step(params, params, state, state, [0.1, 0.9, 0.1] * 2, layout,
+                                   lr=1e-3, eps=1e-6, weight_decay=0.1, clip_threshold=1.0)
     return launches
 
 
@@ -129,7 +135,8 @@ def compile_config(kernel, kwargs: dict, config: triton.Config, capability: int)
         "kernel": fn.__name__,
         "capability": capability,
         "config": {**config.kwargs, "num_warps": config.num_warps, "num_stages": config.num_stages},
-        "variant": {k: v for k, v in kwargs.items() if k.isupper()},
+        "variant": {k: v if isinstance(v, (bool, int, float, str)) else str(v)  # tl.dtype: its name
+                    for k, v in kwargs.items() if k.isupper()},
         "registers": registers,
         "blocks_per_sm": blocks_per_sm(capability, registers, compiled.metadata.shared, config.num_warps),
         "spill_stores": spill_stores,
