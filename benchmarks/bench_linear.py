@@ -109,6 +109,13 @@ def _simulated_only(model: nn.Module, settings: Settings) -> nn.Module:
     raise Skip("block-scaled formats are simulated in plain torch only (no real kernel yet): not a speed target")
 
 
+def _fp8_blockwise(model: nn.Module, settings: Settings) -> nn.Module:
+    """Real only on Hopper (lowbit.mx.real); elsewhere it is the simulation, not a speed target."""
+    if settings.device.type != "cuda" or torch.cuda.get_device_capability(settings.device)[0] != 9:
+        raise Skip("fp8-blockwise runs on tensor cores only on compute capability 9.x; simulated here")
+    return _lowbit_swap("fp8-blockwise")(model, settings)
+
+
 def _lowbit_impls() -> dict:
     """Every registered lowbit layer name (fp8 ones as "lowbit-<name>", timed only as real fp8;
     block-scaled ones skipped: they are simulated)."""
@@ -117,7 +124,9 @@ def _lowbit_impls() -> dict:
 
     impls = {}
     for name in layer_names():
-        if issubclass(layer_spec(name).cls, BlockScaledLinear):
+        if name == "fp8-blockwise":
+            impls[f"lowbit-{name}"] = _fp8_blockwise
+        elif issubclass(layer_spec(name).cls, BlockScaledLinear):
             impls[f"lowbit-{name}"] = _simulated_only
         elif issubclass(layer_spec(name).cls, Float8Linear):
             impls[f"lowbit-{name}"] = _lowbit_fp8(name)

@@ -252,7 +252,8 @@ def test_simulation_note_only_where_a_real_kernel_could_run(monkeypatch):
     monkeypatch.setattr(torch.version, "hip", None)
     monkeypatch.setattr(block_ops, "_cuda_capability", lambda index: (9, 0))  # Hopper
     assert block_ops.simulation_note("mxfp8", cuda) is None and block_ops.simulation_note("nvfp4", cuda) is None
-    assert "fp8-blockwise" in block_ops.simulation_note("fp8-blockwise", cuda)
+    # fp8-blockwise runs on Hopper's tensor cores (lowbit.mx.real; tests/test_mx_real.py): no note
+    assert block_ops.simulation_note("fp8-blockwise", cuda) is None
     monkeypatch.setattr(block_ops, "_cuda_capability", lambda index: (10, 0))  # Blackwell
     note = block_ops.simulation_note("mxfp4", cuda)
     assert "mxfp4" in note and "simulated" in note

@@ -26,7 +26,8 @@ The GEMM is simulated: the dequantized values q * scale are formed in fp32 and m
 the nvfp4 tensor scales applied after. For MX and nvfp4's block part q * scale is exact in fp32 (a
 few significant bits times a power of two, or times an e4m3 number), so the result is the
 block-scaled tensor-core product up to the fp32 summation order; fp8-blockwise's fp32 scales cost
-one more fp32 rounding (2**-24 relative) per element. No real kernel runs (see `simulation_note`).
+one more fp32 rounding (2**-24 relative) per element. fp8-blockwise runs on Hopper's tensor cores
+where lowbit.mx.real takes the GEMM; the others are simulated everywhere (see `simulation_note`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ import torch.nn.functional as F
 
 from lowbit._backend import get_backend
 from lowbit._inputs import check_float_matrix
+from lowbit.mx import real
 from lowbit.mx.config import FORMATS, BlockFormat
 
 __all__ = ["AMAX_FLOOR", "ELEMENTS", "block_mm", "note_simulated", "quantize", "round_element", "simulation_note"]
@@ -127,15 +129,29 @@ def block_mm(
 
     Both operands are blocked along K. `b_is_weight` gives b_t fp8-blockwise's 128x128 weight
     blocks (False for the weight gradient, whose operands are both activations / gradients).
+    fp8-blockwise runs on Hopper's fp8 tensor cores where lowbit.mx.real takes the GEMM (checked
+    against this simulation on first use); everything else is simulated.
     """
     if b_t.shape[1] != a.shape[1]:
         raise ValueError(f"block_mm: cannot multiply {tuple(a.shape)} by {tuple(b_t.shape)}.T")
-    a_hat, a_scale = quantize(a, fmt)
-    b_hat, b_scale = quantize(b_t, fmt, weight=b_is_weight)
-    out = (a_hat @ b_hat.t()) * (a_scale * b_scale)
-    if bias is not None:
-        out = out + bias.float()
-    return out.to(out_dtype)
+
+    def simulate() -> torch.Tensor:
+        a_hat, a_scale = quantize(a, fmt)
+        b_hat, b_scale = quantize(b_t, fmt, weight=b_is_weight)
+        out = (a_hat @ b_hat.t()) * (a_scale * b_scale)
+        if bias is not None:
+            out = out + bias.float()
+        return out.to(out_dtype)
+
+    if fmt == "fp8-blockwise" and a.is_cuda and get_backend() != "torch" and torch.version.hip is None:
+        capability = _cuda_capability(a.device.index if a.device.index is not None else torch.cuda.current_device())
+        reason = real.real_fp8_blockwise_reason(a, b_t, out_dtype, b_is_weight, capability)
+        if reason is None:
+            return real.checked_fp8_blockwise_mm(a, b_t, bias=bias, simulate=simulate)
+        if capability[0] == 9:  # the kernel exists here, just not for this GEMM: say so, once per reason
+            note_simulated(f"lowbit fp8-blockwise: simulated on {a.device} for a GEMM the tensor cores' "
+                           f"kernel does not take: {reason}")
+    return simulate()
 
 
 @functools.cache
@@ -146,19 +162,19 @@ def _cuda_capability(index: int) -> tuple[int, int]:
 def simulation_note(fmt: str, device: torch.device) -> str | None:
     """Why `fmt` is simulated on `device` where a real kernel would be possible to ask for, else None.
 
-    torch._scaled_mm has block-scaled kernels for MX / NVFP4 on compute capability >= 10.0
-    (Blackwell) and 1x128 / 128x128 fp8 on >= 9.0 (Hopper); lowbit has no tested path to them yet.
-    None on other devices and under LOWBIT_BACKEND=torch (the plain-torch reference, asked for).
+    torch's scaled_mm has block-scaled kernels for MX / NVFP4 on compute capability >= 10.0
+    (Blackwell), which lowbit has no path to yet. fp8-blockwise on 9.x (Hopper) runs on the tensor
+    cores (lowbit.mx.real; block_mm notes the GEMMs it cannot take). None on other devices and under
+    LOWBIT_BACKEND=torch (the plain-torch reference, asked for).
     """
-    if device.type != "cuda" or get_backend() == "torch" or torch.version.hip is not None:
+    if device.type != "cuda" or get_backend() == "torch" or torch.version.hip is not None or fmt == "fp8-blockwise":
         return None
-    needed = (9, 0) if fmt == "fp8-blockwise" else (10, 0)
     capability = _cuda_capability(device.index if device.index is not None else torch.cuda.current_device())
-    if capability < needed:
+    if capability < (10, 0):
         return None
     return (
         f"lowbit {fmt}: simulated in plain torch (fp32 matmul of the dequantized blocks) on {device}, "
-        f"compute capability {capability[0]}.{capability[1]}: torch._scaled_mm could run {fmt} here, but "
+        f"compute capability {capability[0]}.{capability[1]}: torch's scaled_mm could run {fmt} here, but "
         "lowbit has no tested real-kernel path for it yet"
     )
 
