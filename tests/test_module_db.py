@@ -52,8 +52,15 @@ VARIANTS = {
     "switchback-memeff": ("int8", {}),
     "fp8-tensorwise": ("fp8", {"simulate": True}),
     "fp8-switchback": ("fp8", {"simulate": True}),
+    # block-scaled, simulated on the CPU; floors from nn.Linear's samples (seen: mxfp8 21.3,
+    # fp8-blockwise 26.8, mxfp8-e5m2 15.1, mxfp4 9.6, nvfp4 17.4 dB), a few dB below
+    "mxfp8": ("mx8", {}),
+    "fp8-blockwise": ("mx8", {}),
+    "mxfp8-e5m2": ("mx8-e5m2", {}),
+    "mxfp4": ("fp4", {}),
+    "nvfp4": ("fp4", {}),
 }
-SQNR_FLOOR_DB = {"int8": 35.0, "fp8": 20.0}
+SQNR_FLOOR_DB = {"int8": 35.0, "fp8": 20.0, "mx8": 18.0, "mx8-e5m2": 12.0, "fp4": 7.0}
 
 # Samples allowed a lower floor, one row each: (module, sample-id substring, format, what) ->
 # (floor dB, reason). `what` is "out", "grad_input" or "grad_param". Nothing else is exempt.
@@ -76,6 +83,9 @@ LOWER_FLOORS: dict[tuple[str, str, str, str], tuple[float, str]] = {
         ("fp8", "out", 3.0, _TINY),
         ("fp8", "grad_input", -30.0, _CANCEL),
         ("fp8", "grad_param", -30.0, _CANCEL),
+        # 3-4 values in a block of 16-128: one scale per row, 2-4 mantissa bits (seen: -24 dB at worst)
+        *((fmt, what, -30.0, _TINY + "; test_attention holds the block formats to their own floors")
+          for fmt in ("mx8", "mx8-e5m2", "fp4") for what in ("out", "grad_input", "grad_param")),
     )
 }
 
