@@ -369,13 +369,15 @@ def _foreach_stable_adamw(
 
 def _triton_step_applies(params, grads, exp_avgs, exp_avg_sqs) -> bool:
     """Whether lowbit's backend picks its Triton kernels for these tensors and the kernel takes them:
-    fp32 / bf16 / fp16 parameters with gradients of their dtype, no DTensors, every tensor dense."""
+    fp32 / bf16 / fp16 parameters with gradients of their dtype and device, no DTensors, every tensor
+    contiguous (the kernel walks raw addresses; anything else gets the foreach ops and their errors)."""
     if params[0].dtype not in FLOAT_DTYPES or torch.compiler.is_compiling() or not use_triton(params[0]):
         return False  # (traced by torch.compile: the foreach ops, which it knows how to compile)
     tensors = (*params, *grads, *exp_avgs, *exp_avg_sqs)
-    return all(
-        not _is_dtensor(t) and t.is_contiguous() for t in tensors
-    ) and all(g.dtype == p.dtype for p, g in zip(params, grads))
+    device = params[0].device
+    return all(not _is_dtensor(t) and t.is_contiguous() and t.device == device for t in tensors) and all(
+        g.dtype == p.dtype for p, g in zip(params, grads)
+    )
 
 
 def _triton_step(params, grads, exp_avgs, exp_avg_sqs, rmss, beta1_hats, beta2_hats, layouts, **hyper) -> None:
