@@ -163,6 +163,42 @@ def _section_linear(records: list[Record]) -> list[str]:
     return lines
 
 
+# Measured implementation -> the roofline case that models it (benchmarks/roofline.py).
+_MODELLED = {"nn.Linear": "nn_linear", "switchback": "switchback", "switchback-row": "switchback_rowwise",
+             "switchback-memeff": "switchback_mem_efficient"}
+
+
+def roofline_gpu(device: str) -> str | None:
+    """The roofline table's entry for a device name ("NVIDIA H100 80GB HBM3" -> "H100"), or None."""
+    from benchmarks.roofline import GPUS
+
+    return next((name for name in GPUS if name in device), None)
+
+
+def _section_predicted(records: list[Record], device: str) -> list[str]:
+    """The roofline model's time of each single-layer fwd+bwd next to the measured median."""
+    gpu = roofline_gpu(device)
+    rows = [r for r in _ok(records) if r.case.startswith("layer ") and r.case.endswith("fwd+bwd")
+            and r.impl in _MODELLED]
+    if gpu is None or not rows:
+        return []
+    from benchmarks.roofline import GPUS, predict, run
+
+    models: dict[tuple, dict] = {}
+    body = []
+    for r in rows:
+        key = (r.shape["tokens"], r.shape["in"], r.shape["out"])
+        if key not in models:
+            models[key] = run(*key)["cases"]
+        predicted_ms = predict(models[key][_MODELLED[r.impl]]["launches"], GPUS[gpu]) * 1e3
+        body.append([r.case, str(r.shape["tokens"]), f"{r.shape['in']} -> {r.shape['out']}", r.impl,
+                     f"{r.median_ms:.3f}", f"{predicted_ms:.3f}", f"{r.median_ms / predicted_ms:.2f}"])
+    intro = (f"The roofline model (`python -m benchmarks.roofline`, {gpu} peaks: a model, not a measurement) "
+             "beside the measured median: measured / predicted is how far from its peak the code runs.")
+    return ["## Measured against the roofline model", "", intro, ""] + _table(
+        ["case", "tokens", "features", "impl", "measured ms", "predicted ms", "measured / predicted"], body)
+
+
 def _section_quantize(records: list[Record]) -> list[str]:
     intro = (
         "Quantize: achieved GB/s (bytes read + written, each once) and the fraction of the "
@@ -255,6 +291,8 @@ def render_markdown(records: Sequence[Record], env: dict, settings: dict | None 
     lines = _header(env, records, settings)
     lines += _section_targets(evaluate_targets(records), env["device_type"] != "cuda")
     lines += _section_linear(by_bench["linear"]) if by_bench["linear"] else []
+    if env["device_type"] == "cuda":
+        lines += _section_predicted(by_bench["linear"], env["device"])
     lines += _section_quantize(by_bench["quantize"]) if by_bench["quantize"] else []
     lines += _section_optimizer(by_bench["optimizer"]) if by_bench["optimizer"] else []
     lines += _section_clip(by_bench["clip_step"]) if by_bench["clip_step"] else []

@@ -180,3 +180,18 @@ def test_triton_rows_call_the_kernels_with_the_right_arguments(monkeypatch):
     triton_rows = [r for r in rec.records if r.impl == "triton"]
     assert len(triton_rows) == len(bench_quantize.QUANTIZE_OPS) + 1
     assert all(r.status == "ok" for r in triton_rows), [(r.case, r.reason) for r in triton_rows]
+
+
+def test_report_puts_the_roofline_prediction_beside_a_gpu_measurement(smoke_run):
+    """On a device the roofline table knows, each single-layer fwd+bwd row gets its predicted time."""
+    out, _ = smoke_run
+    records = read_jsonl(out / "results.jsonl")
+    env = json.loads((out / "env.json").read_text())
+    gpu_env = {**env, "device": "NVIDIA H100 80GB HBM3", "device_type": "cuda"}
+    text = report.render_markdown(records, gpu_env)
+    section = text.split("## Measured against the roofline model")[1]
+    measured = [r for r in records if r.status == "ok" and r.case == "layer d->4d fwd+bwd"
+                and r.impl in ("nn.Linear", "switchback", "switchback-row", "switchback-memeff")]
+    assert measured and all(f"| {r.impl} | {r.median_ms:.3f} |" in section for r in measured)
+    assert report.roofline_gpu("NVIDIA H200") == "H200" and report.roofline_gpu("NVIDIA L4") is None
+    assert "## Measured against the roofline model" not in report.render_markdown(records, env)  # CPU: none
