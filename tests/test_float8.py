@@ -356,3 +356,23 @@ def test_recipes_are_presets_over_per_operand_scaling():
 
     assert operands(Float8Config(recipe="tensorwise")) == ("tensor", "tensor", "fp8")
     assert operands(Float8Config(recipe="switchback")) == ("row", "tensor", "high")
+
+
+def test_tensorwise_backward_casts_the_gradient_to_e5m2_once(monkeypatch):
+    """grad_input and grad_weight both need g in e5m2 with one tensor scale: one cast serves both."""
+    from lowbit.float8 import ops as fp8_ops_module
+
+    casts = []
+    to_float8 = fp8_ops_module.to_float8
+
+    def record(x, fp8_dtype, *, rowwise):
+        casts.append((fp8_dtype, rowwise, tuple(x.shape)))
+        return to_float8(x, fp8_dtype, rowwise=rowwise)
+
+    monkeypatch.setattr(fp8_ops_module, "to_float8", record)
+    layer = Float8Linear(24, 40, recipe="tensorwise", simulate=True)
+    x = torch.randn(7, 24, requires_grad=True)
+    out = layer(x)
+    casts.clear()
+    out.square().sum().backward()
+    assert [c for c in casts if c[0] == torch.float8_e5m2] == [(torch.float8_e5m2, False, (7, 40))]

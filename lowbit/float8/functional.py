@@ -81,9 +81,12 @@ class _Float8Matmul(torch.autograd.Function):
         grad_input = grad_weight = grad_bias = None
 
         # grad_input (M, K) = g (M, N) @ w (N, K): g e5m2 (per tensor or per row), w e4m3 per tensor.
+        g_cast = None  # g in e5m2, as grad_input made it: grad_weight's cast of g is the same one
         if ctx.needs_input_grad[0]:
-            grad_input = _Float8Matmul.apply(g, weight.t(), None, config, scaled_mm, E5M2)[0]
+            grad_input, g_fp8, g_scale_inv = _Float8Matmul.apply(g, weight.t(), None, config, scaled_mm, E5M2)
             grad_input = grad_input.reshape(ctx.input_shape)
+            if config.activation_scaling != "row":  # one scale per tensor: what grad_weight needs
+                g_cast = (g_fp8, g_scale_inv)
 
         # grad_weight (N, K) = g.T (N, M) @ x (M, K): fp8 for "tensorwise", the input's dtype for "switchback".
         if ctx.needs_input_grad[1]:
@@ -95,7 +98,7 @@ class _Float8Matmul(torch.autograd.Function):
                         "needs recipe=\"switchback\" (\"fp8-switchback\")"
                     )
                 x_fp8, x_scale_inv = saved_x
-                g_fp8, g_scale_inv = fp8_ops.to_float8(quantizable(g), E5M2, rowwise=False)
+                g_fp8, g_scale_inv = g_cast or fp8_ops.to_float8(quantizable(g), E5M2, rowwise=False)
                 grad_weight = fp8_ops.float8_mm(
                     g_fp8.t(), g_scale_inv, x_fp8.t(), x_scale_inv,
                     out_dtype=matmul_dtype(g.dtype), scaled_mm=scaled_mm,
