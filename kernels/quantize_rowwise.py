@@ -103,6 +103,10 @@ def _quantize_rowwise_body(
                     mask_k = cols < K
                     previous = tl.load(colsum_row + cols, mask=mask_k & (step > 0), other=0.0)
                     tl.store(colsum_row + cols, previous + tl.sum(x.to(tl.float32), axis=0), mask=mask_k)
+            if COLUMN_SUMS:
+                # The next block of rows reads these sums back, maybe from other threads of the
+                # program: make the stores visible to them first.
+                tl.debug_barrier()
         tl.store(absmax_ptr + offs_m, _scale_out(absmax), mask=mask_m)
     if COLUMN_SUMS:
         if ONE_TILE:

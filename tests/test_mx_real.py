@@ -64,37 +64,57 @@ def test_the_documented_kernel_gives_the_simulation(k):
 
 
 def _checked(a, w, scaled_mm, calls):
-    def simulate():
-        calls.append("simulate")
-        return ops.block_mm(a, w, "fp8-blockwise", out_dtype=torch.bfloat16)
+    def simulate(a, w, bias):
+        calls.append(tuple(a.shape))
+        return ops.block_mm(a, w, "fp8-blockwise", out_dtype=torch.bfloat16, bias=bias)
 
     return real.checked_fp8_blockwise_mm(a, w, bias=None, simulate=simulate, scaled_mm=scaled_mm)
 
 
-def test_first_use_check_keeps_an_agreeing_kernel_and_stops_simulating():
+def test_an_agreeing_kernel_is_probed_once_then_used():
     a, w = torch.randn(32, 256), torch.randn(128, 256)
     calls = []
     for _ in range(3):
         out = _checked(a, w, documented_scaled_mm, calls)
-    assert calls == ["simulate"]  # once, on first use
+    assert calls == [(128 + 32, 256)]  # the probe only, once: M of the caller's alignment
     assert sqnr_db(ops.block_mm(a, w, "fp8-blockwise", out_dtype=torch.float32).double(), out.double()) > 45
 
 
-@pytest.mark.parametrize("failure", ["wrong", "refused"])
-def test_first_use_check_warns_once_and_keeps_the_simulation(failure):
-    def broken(a, b, *args, **kwargs):
-        if failure == "refused":
-            raise RuntimeError("scaled_mm: unsupported layout")
+def _block_scales_swapped(a, b, scale_a, recipe_a, scale_b, recipe_b, **kwargs):
+    """Reads B's 128x128 scales transposed: invisible when all blocks have about the same scale."""
+    (sb,) = scale_b
+    k_tiles, n_tiles = a.shape[1] // TILE, b.shape[1] // TILE
+    assert k_tiles == n_tiles  # square block grids only: the transposed grid has the same shape
+    wrong = F.pad(sb[:k_tiles].t(), (0, 0, 0, sb.shape[0] - k_tiles)).t().contiguous().t()
+    return documented_scaled_mm(a, b, scale_a, recipe_a, [wrong], recipe_b, **kwargs)
+
+
+def _no_nan(a, b, *args, **kwargs):
+    return documented_scaled_mm(a, b, *args, **kwargs).nan_to_num(0.0)
+
+
+@pytest.mark.parametrize("failure", ["refused", "zeros", "block scales swapped", "NaN dropped"])
+def test_a_wrong_kernel_is_caught_by_the_probe_even_on_uniform_weights(failure):
+    def refused(*args, **kwargs):
+        raise RuntimeError("scaled_mm: unsupported layout")
+
+    def zeros(a, b, *args, **kwargs):
         return torch.zeros(a.shape[0], b.shape[1], dtype=torch.bfloat16)
 
-    a, w = torch.randn(32, 256), torch.randn(128, 256)
+    kernel = {"refused": refused, "zeros": zeros, "block scales swapped": _block_scales_swapped,
+              "NaN dropped": _no_nan}[failure]
+    torch.manual_seed(3)
+    a, w = torch.randn(64, 256), torch.nn.Linear(256, 256).weight.detach()  # fresh init: even block scales
     want = ops.block_mm(a, w, "fp8-blockwise", out_dtype=torch.bfloat16)
+    if failure == "block scales swapped":  # on this data the wrong kernel looks right: hence the probe
+        looks = real.fp8_blockwise_scaled_mm(a, w, scaled_mm=_block_scales_swapped)
+        assert sqnr_db(want.double(), looks.double()) > 40
     calls = []
     with pytest.warns(UserWarning, match="disagreed with the simulation"):
-        first = _checked(a, w, broken, calls)
+        first = _checked(a, w, kernel, calls)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no second warning
-        second = _checked(a, w, broken, calls)
+        second = _checked(a, w, kernel, calls)
     assert torch.equal(first, want) and torch.equal(second, want)
 
 

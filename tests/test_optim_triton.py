@@ -111,3 +111,42 @@ def test_not_taken_on_cpu_tensors_by_default(triton_steps):
     with lowbit.use_backend("auto"):  # auto: Triton for CUDA tensors only
         StableAdamW([p], foreach=True).step()
     assert triton_steps == []
+
+
+def test_state_of_other_parameters_gets_the_foreach_error_not_the_kernel(triton_steps):
+    """A state dict saved for parameters in another order gives state of the wrong sizes: the kernel
+    (which walks raw addresses by each parameter's size) must not run on it."""
+    a, b = torch.nn.Parameter(torch.randn(300)), torch.nn.Parameter(torch.randn(10))
+    for p in (a, b):
+        p.grad = torch.randn_like(p)
+    opt = StableAdamW([a, b], foreach=True)
+    with lowbit.use_backend("triton"):
+        opt.step()
+    assert triton_steps == [2]
+    swapped = StableAdamW([b.detach().clone().requires_grad_(), a.detach().clone().requires_grad_()], foreach=True)
+    swapped.load_state_dict(opt.state_dict())
+    for p in swapped.param_groups[0]["params"]:
+        p.grad = torch.randn_like(p)
+    with lowbit.use_backend("triton"), pytest.raises(RuntimeError, match="size"):
+        swapped.step()
+    assert triton_steps == [2]
+
+
+def test_a_parameter_listed_twice_takes_the_foreach_path(triton_steps):
+    p = torch.nn.Parameter(torch.randn(50))
+    p.grad = torch.randn(50)
+    with pytest.warns(UserWarning, match="duplicate"), lowbit.use_backend("triton"):
+        StableAdamW([p, p], foreach=True).step()
+    assert triton_steps == []
+
+
+def test_forced_triton_backend_leaves_cpu_parameters_to_foreach(triton_steps, monkeypatch):
+    """LOWBIT_BACKEND=triton is about the int8 kernels; without the interpreter, CPU parameters
+    (an offloaded group) must still step, on the foreach path."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    p = torch.nn.Parameter(torch.randn(20))
+    p.grad = torch.randn(20)
+    before = p.detach().clone()
+    with lowbit.use_backend("triton"):
+        StableAdamW([p], lr=1e-2, foreach=True).step()
+    assert triton_steps == [] and not torch.equal(p.detach(), before)

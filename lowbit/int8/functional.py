@@ -105,7 +105,8 @@ def _int8_linear(x, weight, bias, config, frozen_weight, *, column_sums=False, k
     x's fp32 column sums (K,) if column_sums else None, (q(w)^T, its scale) if keep_weight_t else None).
 
     keep_weight_t (tensor-wise weight only): q(w)^T is written in the same pass as q(w); grad_input's
-    GEMM takes it as is, so the weight is quantized once per step, not again in backward.
+    GEMM takes it as is, so the weight is quantized once per forward call, not again in backward
+    (a layer called n times before backward keeps n copies: N * K int8 bytes each).
     """
     xq = quantizable(x)
     if column_sums:

@@ -152,6 +152,8 @@ def dequantize_rowwise(q: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype
                          f"{tuple(absmax.shape)}")
     if dtype not in LINEAR_DTYPES:
         raise TypeError(f"dequantize_rowwise: dtype must be float16, bfloat16, float32 or float64, got {dtype}")
+    if absmax.device != q.device:
+        raise ValueError(f"dequantize_rowwise: q on {q.device} but absmax on {absmax.device}")
     if use_triton(q):
         return _kernels().launch_dequantize_rowwise(q, absmax, dtype)
     return (q.float() * (absmax[:, None] / 127.0)).to(dtype).contiguous()

@@ -135,7 +135,7 @@ def block_mm(
     if b_t.shape[1] != a.shape[1]:
         raise ValueError(f"block_mm: cannot multiply {tuple(a.shape)} by {tuple(b_t.shape)}.T")
 
-    def simulate() -> torch.Tensor:
+    def simulate(a: torch.Tensor, b_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         a_hat, a_scale = quantize(a, fmt)
         b_hat, b_scale = quantize(b_t, fmt, weight=b_is_weight)
         out = (a_hat @ b_hat.t()) * (a_scale * b_scale)
@@ -151,7 +151,7 @@ def block_mm(
         if capability[0] == 9:  # the kernel exists here, just not for this GEMM: say so, once per reason
             note_simulated(f"lowbit fp8-blockwise: simulated on {a.device} for a GEMM the tensor cores' "
                            f"kernel does not take: {reason}")
-    return simulate()
+    return simulate(a, b_t, bias)
 
 
 @functools.cache

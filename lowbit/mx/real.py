@@ -8,9 +8,11 @@ torch's scaled_mm OpInfo samples give them for compute capability 9.x (CUDA >= 1
     B (K, N) e4m3 column-major,   scale_b (ceil4(K/128), N/128) fp32, the transpose of a contiguous
                                   (N/128, ceil4(K/128)) tensor (BlockWise128x128)
 
-No GPU has run this path yet. So the first call for each GEMM shape on each device is also computed
-by the simulation and compared: below CHECK_SQNR_DB, or if the kernel refuses the call, lowbit warns
-and keeps the simulation for that shape. Nothing is returned that was not checked once.
+No GPU has run this path yet. So before the first call for each GEMM shape on each device, the
+kernel and the simulation run on probe operands built to expose a misread scale (every tile and
+block scaled differently, a NaN tile): NaN elsewhere, SQNR below CHECK_SQNR_DB or a refused call,
+and lowbit warns and keeps the simulation for that shape. The bias is added in fp32 to the bf16
+product and rounded again (the simulation rounds once).
 """
 
 from __future__ import annotations
@@ -102,29 +104,57 @@ def _sqnr_db(reference: torch.Tensor, x: torch.Tensor) -> float:
 _VERDICTS: dict[tuple, bool | str] = {}
 
 
-def checked_fp8_blockwise_mm(a, b_t, *, bias, simulate, scaled_mm=None) -> torch.Tensor:
-    """The real GEMM where its first use on this shape agreed with `simulate()`, else the simulation."""
-    # M enters the check only through its alignment (the kernels tile M); K and N fully.
-    key = (str(a.device), math.gcd(a.shape[0], 128), a.shape[1], b_t.shape[0])
-    verdict = _VERDICTS.get(key)
-    if verdict is True:
-        return fp8_blockwise_scaled_mm(a, b_t, bias=bias, scaled_mm=scaled_mm)
-    expected = simulate()
-    if verdict is not None or not torch.isfinite(expected).all():
-        return expected  # refused before (warned then), or no finite reference to check against yet
-    try:
-        got = fp8_blockwise_scaled_mm(a, b_t, bias=bias, scaled_mm=scaled_mm)
-        sqnr = _sqnr_db(expected.float(), got.float())
-        reason = None if sqnr >= CHECK_SQNR_DB else f"SQNR {sqnr:.1f} dB against it"
-    except RuntimeError as err:  # the kernel refused these operands
-        reason = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
-    _VERDICTS[key] = True if reason is None else reason
-    if reason is None:
-        return got
-    warnings.warn(
-        f"lowbit fp8-blockwise: the tensor-core GEMM for ({a.shape[0]}, {a.shape[1]}) @ "
-        f"({b_t.shape[1]}, {b_t.shape[0]}) on {a.device} disagreed with the simulation on first use "
-        f"({reason}); this shape keeps the simulation. Please report it.",
-        stacklevel=4,
+def probe_operands(m_class: int, k: int, n: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Operands that expose a misread scale: every 1x128 tile of a and every 128x128 block of b_t
+    scaled by its own power of two (within 2**+-3, so that every block weighs in the output), one NaN
+    tile, a bias; M of the caller's alignment (M mod 128). Fresh layer weights would not do: their
+    blocks all have about the same amax, so a kernel that reads the wrong block's scale looks right."""
+    gen = torch.Generator().manual_seed(1234)
+    m = TILE + (m_class % TILE)
+    tiles = torch.exp2(torch.randint(-2, 3, (m, k // TILE), generator=gen).float())
+    # neighbouring blocks never share a scale: exponents cycle through -3..3 along both axes
+    rows, cols = torch.arange(n // TILE)[:, None], torch.arange(k // TILE)[None, :]
+    blocks = torch.exp2(((2 * rows + 3 * cols) % 7 - 3).float())
+    a = torch.randn(m, k, generator=gen) * tiles.repeat_interleave(TILE, 1)
+    b_t = torch.randn(n, k, generator=gen) * blocks.repeat_interleave(TILE, 0).repeat_interleave(TILE, 1)
+    a[1, :TILE] = float("nan")  # its output row must be NaN, and no other
+    bias = torch.randn(n, generator=gen)
+    return (a.to(device, torch.bfloat16), b_t.to(device, torch.bfloat16), bias.to(device, torch.bfloat16))
+
+
+def _disagreement(expected: torch.Tensor, got: torch.Tensor) -> str | None:
+    """None if got is expected up to the tensor cores' summation order and bf16 rounding, in every
+    128-column slice of the output (each reads its own row of weight blocks)."""
+    if not torch.equal(expected.isnan(), got.isnan()):
+        return "NaN in other places than the simulation's"
+    finite = ~expected.isnan().any(dim=1)
+    worst = min(
+        _sqnr_db(expected[finite, j : j + TILE].float(), got[finite, j : j + TILE].float())
+        for j in range(0, expected.shape[1], TILE)
     )
-    return expected
+    return None if worst >= CHECK_SQNR_DB else f"SQNR {worst:.1f} dB against it in a 128-column slice"
+
+
+def checked_fp8_blockwise_mm(a, b_t, *, bias, simulate, scaled_mm=None) -> torch.Tensor:
+    """The real GEMM where, for this shape, it agreed with `simulate(a, b_t, bias)` on probe_operands;
+    else the simulation (and a warning, once per shape)."""
+    # M enters only through its alignment (the kernels tile M); K and N fully.
+    key = (str(a.device), math.gcd(a.shape[0], TILE), a.shape[1], b_t.shape[0])
+    if key not in _VERDICTS:
+        pa, pb, pbias = probe_operands(key[1], key[2], key[3], a.device)
+        try:
+            reason = _disagreement(simulate(pa, pb, pbias), fp8_blockwise_scaled_mm(pa, pb, bias=pbias,
+                                                                                    scaled_mm=scaled_mm))
+        except RuntimeError as err:  # the kernel refused these operands
+            reason = f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+        _VERDICTS[key] = True if reason is None else reason
+        if reason is not None:
+            warnings.warn(
+                f"lowbit fp8-blockwise: the tensor-core GEMM for (M, {a.shape[1]}) @ ({b_t.shape[1]}, "
+                f"{b_t.shape[0]}) on {a.device} disagreed with the simulation on its first-use probe "
+                f"({reason}); this shape keeps the simulation. Please report it.",
+                stacklevel=4,
+            )
+    if _VERDICTS[key] is True:
+        return fp8_blockwise_scaled_mm(a, b_t, bias=bias, scaled_mm=scaled_mm)
+    return simulate(a, b_t, bias)

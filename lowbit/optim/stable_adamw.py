@@ -1,5 +1,6 @@
 """StableAdamW: AdamW with Adafactor-style update clipping (Wortsman, Dettmers et al., 2023)."""
 
+import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -368,15 +369,29 @@ def _foreach_stable_adamw(
 
 
 def _triton_step_applies(params, grads, exp_avgs, exp_avg_sqs) -> bool:
-    """Whether lowbit's backend picks its Triton kernels for these tensors and the kernel takes them:
-    fp32 / bf16 / fp16 parameters with gradients of their dtype and device, no DTensors, every tensor
-    contiguous (the kernel walks raw addresses; anything else gets the foreach ops and their errors)."""
-    if params[0].dtype not in FLOAT_DTYPES or torch.compiler.is_compiling() or not use_triton(params[0]):
+    """Whether lowbit's backend picks its Triton kernels for these tensors and the kernel takes them.
+
+    The kernel walks raw addresses by each parameter's size, so every tensor must be what it assumes:
+    fp32 / bf16 / fp16 parameters, each once; gradients of their shape and dtype; fp32 state of their
+    shape (a state dict loaded for other parameters may not be); all contiguous, on one device, no
+    DTensors. Anything else gets the foreach ops, and their errors.
+    """
+    first = params[0]
+    if first.dtype not in FLOAT_DTYPES or torch.compiler.is_compiling():
         return False  # (traced by torch.compile: the foreach ops, which it knows how to compile)
+    if not first.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        return False  # CPU parameters (offloaded groups), whatever LOWBIT_BACKEND asks of the int8 ops
+    if not use_triton(first):
+        return False
     tensors = (*params, *grads, *exp_avgs, *exp_avg_sqs)
-    device = params[0].device
-    return all(not _is_dtensor(t) and t.is_contiguous() and t.device == device for t in tensors) and all(
-        g.dtype == p.dtype for p, g in zip(params, grads)
+    if not all(not _is_dtensor(t) and t.is_contiguous() and t.device == first.device for t in tensors):
+        return False
+    if len({p.data_ptr() for p in params if p.numel()}) != sum(1 for p in params if p.numel()):
+        return False  # one tensor twice: its blocks would race on the same state
+    return all(
+        g.shape == p.shape and g.dtype == p.dtype
+        and v.shape == u.shape == p.shape and v.dtype == u.dtype == torch.float32
+        for p, g, v, u in zip(params, grads, exp_avgs, exp_avg_sqs)
     )
 
 
@@ -386,6 +401,8 @@ def _triton_step(params, grads, exp_avgs, exp_avg_sqs, rmss, beta1_hats, beta2_h
 
     key = (params[0].device, tuple(p.numel() for p in params))
     if key not in layouts:
+        if len(layouts) >= 64:  # parameters whose gradients come and go: keep the cache bounded
+            layouts.clear()
         layouts[key] = kernel.block_layout(key[1], key[0])
     per_tensor = [x for b1, b2 in zip(beta1_hats, beta2_hats) for x in (1.0 - b1, b2, 1.0 - b2)]
     rms = kernel.stable_adamw_step(params, grads, exp_avgs, exp_avg_sqs, per_tensor, layouts[key], **hyper)
