@@ -247,29 +247,31 @@ def results_table(records: list[dict]) -> str:
     groups: dict[tuple, list[dict]] = {}
     for r in records:
         groups.setdefault((r["format"], r["ls_init"], r["optimizer"]), []).append(r)
-    fp32 = {(r["ls_init"], r["optimizer"], r["seed"]): r["zero_shot_top1"] for r in records if r["format"] == "fp32"}
+    # fp32 runs by (layer-scale, optimizer, seed): a seed fixes the init and the batches, so the paired
+    # difference to fp32 removes the part of the seed-to-seed spread that both runs share.
+    fp32 = {(r["ls_init"], r["optimizer"], r["seed"]): r for r in records if r["format"] == "fp32"}
     lines = [
         "| format | layer-scale | optimizer | seeds | zero-shot top-1 (%) | per seed | Δ top-1 vs fp32, same seed "
-        "(points) | final loss (last-10 mean) | RMS / loss spikes per run | non-finite runs | max \\|linear input\\| "
-        "| max \\|residual\\| | train s/run |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "(points) | final loss (last-10 mean) | Δ loss vs fp32, same seed | RMS / loss spikes per run "
+        "| non-finite runs | max \\|linear input\\| | max \\|residual\\| | train s/run |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (fmt, ls, opt), rs in groups.items():
-
-        def col(key, digits, scale=1.0, rs=rs):
-            return mean_std([r[key] for r in rs], scale, digits)
-
-        top1 = [r["zero_shot_top1"] for r in rs]
-        paired = [r["zero_shot_top1"] - fp32[(ls, opt, r["seed"])] for r in rs if (ls, opt, r["seed"]) in fp32]
+        col = lambda key, digits, scale=1.0, rs=rs: mean_std([r[key] for r in rs], scale, digits)
+        pairs = [(r, fp32[ls, opt, r["seed"]]) for r in rs if fmt != "fp32" and (ls, opt, r["seed"]) in fp32]
+        paired = lambda key, digits, scale=1.0, pairs=pairs: (
+            mean_std([r[key] - ref[key] for r, ref in pairs], scale, digits) if pairs else "-"
+        )
         row = [
             fmt,
             "zero-init" if ls else "none",
             "StableAdamW" if opt == "stableadamw" else "AdamW",
             ",".join(str(r["seed"]) for r in rs),
             col("zero_shot_top1", 1, 100),
-            " / ".join(f"{100 * v:.1f}" for v in top1),
-            "-" if fmt == "fp32" or not paired else mean_std(paired, 100),
+            " / ".join(f"{100 * r['zero_shot_top1']:.1f}" for r in rs),
+            paired("zero_shot_top1", 1, 100),
             col("final_loss", 3),
+            paired("final_loss", 3),
             f"{statistics.mean(r['rms_spikes'] for r in rs):.1f} / {statistics.mean(r['loss_spikes'] for r in rs):.1f}",
             str(sum(r["nonfinite"] > 0 for r in rs)),
             col("max_linear_input", 2),

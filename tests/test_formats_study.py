@@ -51,7 +51,7 @@ def test_results_table(study):
     assert names == [
         f"{fmt}-{ls}-{opt}-s0" for fmt in FORMATS for ls in ("nols", "ls0") for opt in ("stableadamw", "adamw")
     ]
-    top1 = {r["name"]: r["zero_shot_top1"] for r in result["runs"]}
+    by_name = {r["name"]: r for r in result["runs"]}
     rows = table_rows((out / "study.md").read_text(), "| format |")
     assert [(r[0], r[1], r[2], r[3]) for r in rows] == [
         (fmt, ls, opt, "0") for fmt in FORMATS for ls in ("none", "zero-init") for opt in ("StableAdamW", "AdamW")
@@ -61,12 +61,16 @@ def test_results_table(study):
         assert summary["steps"] == 2 and summary["precision"] == run["format"]
         assert float(row[4]) == pytest.approx(100 * summary["zero_shot_top1"], abs=0.05)
         assert float(row[7]) == pytest.approx(summary["final_loss_mean10"], abs=5e-4)
-        assert re.fullmatch(r"\d+\.\d / \d+\.\d", row[8])  # RMS / loss spikes
-        # the paired difference to the fp32 run of the same layer-scale, optimizer and seed
-        fp32 = top1[run["name"].replace("mxfp8", "fp32")]
-        assert row[6] == ("-" if run["format"] == "fp32" else f"{100 * (run['zero_shot_top1'] - fp32):.1f}")
+        assert re.fullmatch(r"\d+\.\d / \d+\.\d", row[9])  # RMS / loss spikes
+        # the paired differences to the fp32 run of the same layer-scale, optimizer and seed
+        fp32 = by_name[run["name"].replace("mxfp8", "fp32")]
+        if run["format"] == "fp32":
+            assert row[6] == row[8] == "-"
+        else:
+            assert row[6] == f"{100 * (run['zero_shot_top1'] - fp32['zero_shot_top1']):.1f}"
+            assert row[8] == f"{run['final_loss'] - fp32['final_loss']:.3f}"
         # features of the final model: positive, finite, and the residual stream max from a real block
-        assert 0 < float(row[10]) < 1e4 and 0 < float(row[11]) < 1e4
+        assert 0 < float(row[11]) < 1e4 and 0 < float(row[12]) < 1e4
         assert "resblocks" in run["max_residual_block"]
         assert (out / "runs" / run["name"] / "features.json").exists()
 
