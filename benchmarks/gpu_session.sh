@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything a short GPU lease should do, in one call (the device tool's `run`, about 15 minutes of
-# device time per session): install, the GPU tests, the gpu-quick benchmarks, one tarball back.
+# device time per session): install, the GPU tests, the kernel tests on CUDA, the gpu-quick
+# benchmarks, one tarball back; each step time-limited so the whole stays under 9 minutes.
 #
 #   run(command="LOWBIT_COMMIT=<hash> bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=540)
 #
@@ -42,11 +43,17 @@ cat "$work/versions.txt"
 
 step "pytest -m gpu"
 # A test module whose imports fail (a wheel not carried) must not stop the others' GPU tests.
-timeout 180 python3 -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors 2>&1 \
+timeout 120 python3 -m pytest -m gpu -q -p no:cacheprovider --continue-on-collection-errors 2>&1 \
     | tee "$work/pytest-gpu.log" | tail -15
 
+step "kernel and fast-path tests on CUDA"
+# On a GPU these run the compiled kernels against their torch twins (on the CPU: the interpreter).
+timeout 150 python3 -m pytest -q -p no:cacheprovider --continue-on-collection-errors tests/kernels \
+    tests/test_grad_bias_fused.py tests/test_backward_fast_path.py tests/test_optim_triton.py tests/test_mx_real.py \
+    2>&1 | tee "$work/pytest-kernels.log" | tail -15
+
 step "benchmarks --preset gpu-quick"
-timeout 300 python3 benchmarks/run_all.py --preset gpu-quick --out "$work/bench" --quiet 2>&1 \
+timeout 240 python3 benchmarks/run_all.py --preset gpu-quick --out "$work/bench" --quiet 2>&1 \
     | tee "$work/bench.log" | tail -25
 
 step "pack"

@@ -8,6 +8,7 @@ import torch
 import lowbit
 from lowbit import kernels
 from lowbit.nn import SwitchBackLinear
+from tests.kernels._utils import DEVICE
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
 
@@ -31,8 +32,8 @@ def _grads(layer, x, g, create_graph):
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_fast_and_differentiable_backward_agree(name, shape, backend):
     torch.manual_seed(0)
-    layer = SwitchBackLinear(*shape, **VARIANTS[name])
-    x, g = torch.randn(13, shape[0]), torch.randn(13, shape[1])
+    layer = SwitchBackLinear(*shape, **VARIANTS[name], device=DEVICE)
+    x, g = torch.randn(13, shape[0], device=DEVICE), torch.randn(13, shape[1], device=DEVICE)
     with lowbit.use_backend(backend):
         fast = _grads(layer, x, g, create_graph=False)
         slow = _grads(layer, x, g, create_graph=True)
@@ -51,8 +52,8 @@ def test_tensorwise_weight_is_quantized_once_per_step(monkeypatch):
             return _launch(*args, **kwargs)
 
         monkeypatch.setattr(kernels, name, record)
-    layer = SwitchBackLinear(32, 32)
-    x = torch.randn(9, 32, requires_grad=True)
+    layer = SwitchBackLinear(32, 32, device=DEVICE)
+    x = torch.randn(9, 32, device=DEVICE, requires_grad=True)
     with lowbit.use_backend("triton"):
         layer(x).square().sum().backward()
         assert calls == ["launch_quantize_tensorwise_and_transpose"]

@@ -271,8 +271,9 @@ def test_float64_is_computed_by_the_rule_and_returned_in_float64(name):
 @pytest.mark.parametrize("name", [n for n in VARIANTS if layer_spec(n).cls is SwitchBackLinear])
 def test_float64_layers_run_the_triton_kernels_as_the_torch_twins(name):
     """A float64 bias reaches the kernels' fp32 epilogue as fp32 (the kernels take no float64)."""
-    layer = VARIANTS[name](40, 24, dtype=torch.float64)
-    x = torch.randn(9, 40, dtype=torch.float64)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # the interpreter on the CPU
+    layer = VARIANTS[name](40, 24, dtype=torch.float64).to(device)
+    x = torch.randn(9, 40, dtype=torch.float64, device=device)
     results = []
     for backend in ("torch", "triton"):
         with lowbit.use_backend(backend):

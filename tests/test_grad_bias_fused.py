@@ -7,6 +7,7 @@ import torch
 import lowbit
 from lowbit import kernels
 from lowbit.nn import SwitchBackLinear
+from tests.kernels._utils import DEVICE
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
 
@@ -28,32 +29,32 @@ def fused_calls(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_grad_bias_is_fused_and_is_the_column_sum_of_g(weight_quant, dtype, fused_calls):
     torch.manual_seed(0)
-    layer = SwitchBackLinear(48, 70, weight_quant=weight_quant, dtype=dtype)
-    x = torch.randn(3, 45, 48, dtype=dtype, requires_grad=True)
-    g = torch.randn(3, 45, 70, dtype=dtype)
+    layer = SwitchBackLinear(48, 70, weight_quant=weight_quant, dtype=dtype, device=DEVICE)
+    x = torch.randn(3, 45, 48, dtype=dtype, device=DEVICE, requires_grad=True)
+    g = torch.randn(3, 45, 70, dtype=dtype, device=DEVICE)
     with lowbit.use_backend("triton"):
         layer(x).backward(g)
     assert fused_calls == [(135, 70)]  # g, flattened, once
-    exact = g.double().reshape(-1, 70).sum(dim=0)
+    exact = g.cpu().double().reshape(-1, 70).sum(dim=0)
     assert layer.bias.grad.dtype == dtype
     tolerance = 2.0**-8 if dtype == torch.bfloat16 else 1e-5  # the result's own rounding
-    torch.testing.assert_close(layer.bias.grad.double(), exact, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(layer.bias.grad.cpu().double(), exact, rtol=tolerance, atol=tolerance)
 
 
 def test_no_fusion_without_grad_input(fused_calls):
-    layer = SwitchBackLinear(16, 24)
-    x = torch.randn(7, 16)  # no grad: grad_input (and g's quantization) is not needed
+    layer = SwitchBackLinear(16, 24, device=DEVICE)
+    x = torch.randn(7, 16, device=DEVICE)  # no grad: grad_input (and g's quantization) is not needed
     with lowbit.use_backend("triton"):
         layer(x).sum().backward()
     assert fused_calls == []
-    torch.testing.assert_close(layer.bias.grad, torch.full((24,), 7.0))
+    torch.testing.assert_close(layer.bias.grad.cpu(), torch.full((24,), 7.0))
 
 
 def test_double_backward_differentiates_grad_bias(fused_calls):
     """Under create_graph the sums are not taken in the kernel: grad_bias must carry a graph to x."""
     torch.manual_seed(1)
-    layer = SwitchBackLinear(16, 24)
-    x = torch.randn(5, 16, requires_grad=True)
+    layer = SwitchBackLinear(16, 24, device=DEVICE)
+    x = torch.randn(5, 16, device=DEVICE, requires_grad=True)
     with lowbit.use_backend("triton"):
         out = layer(x)
         (grad_bias,) = torch.autograd.grad(out.square().sum(), layer.bias, create_graph=True)

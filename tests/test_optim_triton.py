@@ -1,12 +1,15 @@
 """StableAdamW's multi-tensor Triton step (lowbit/kernels/stable_adamw.py; on the CPU through Triton's
 interpreter) against the fp64 rule and against the foreach path, and when it is (not) taken."""
 
+import copy
+
 import pytest
 import torch
 
 import lowbit
 from lowbit.optim import StableAdamW
 from lowbit.optim import stable_adamw as stable_adamw_module
+from tests.kernels._utils import DEVICE
 from tests.test_optim import SPIKE_STEPS, RefStableAdamW, compute_grads, make_groups, make_model, rel_err
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
@@ -27,25 +30,32 @@ def triton_steps(monkeypatch):
 
 
 def test_matches_the_fp64_rule_with_spikes_and_groups(triton_steps):
-    model = make_model()
-    opt = StableAdamW(make_groups(model), lr=1e-3, betas=(0.9, 0.99), eps=1e-6, foreach=True)
-    ref, ref_params = RefStableAdamW(), {p: p.detach().double().clone() for p in model.parameters()}
+    model = make_model()  # its gradients, on the CPU; the optimizer steps a copy on DEVICE
+    on_device = copy.deepcopy(model).to(DEVICE)
+    pairs = list(zip(on_device.parameters(), model.parameters()))
+    opt = StableAdamW(make_groups(on_device), lr=1e-3, betas=(0.9, 0.99), eps=1e-6, foreach=True)
+    ref, ref_params = RefStableAdamW(), {p: p.detach().cpu().double().clone() for p, _ in pairs}
     worst = 0.0
     for step in range(30):
         compute_grads(model, step)
+        for p, cpu in pairs:
+            p.grad = cpu.grad.to(DEVICE)
         ref_rms = {}
         for group in opt.param_groups:
             for p in group["params"]:
                 ref_params[p], ref_rms[p], _ = ref.step(
-                    p, ref_params[p], p.grad, lr=group["lr"], betas=group["betas"], eps=group["eps"],
+                    p, ref_params[p], p.grad.cpu(), lr=group["lr"], betas=group["betas"], eps=group["eps"],
                     weight_decay=group["weight_decay"], clip_threshold=group["clip_threshold"],
                 )
         with lowbit.use_backend("triton"):
             opt.step()
-        for p in model.parameters():
+        with torch.no_grad():
+            for p, cpu in pairs:
+                cpu.copy_(p)
+        for p in on_device.parameters():
             st = opt.state[p]
-            errs = [rel_err(p, ref_params[p]), rel_err(st["exp_avg"], ref.state[p]["v"]),
-                    rel_err(st["exp_avg_sq"], ref.state[p]["u"]), abs(st["rms"].item() - ref_rms[p]) / ref_rms[p]]
+            errs = [rel_err(p.cpu(), ref_params[p]), rel_err(st["exp_avg"].cpu(), ref.state[p]["v"]),
+                    rel_err(st["exp_avg_sq"].cpu(), ref.state[p]["u"]), abs(st["rms"].item() - ref_rms[p]) / ref_rms[p]]
             assert max(errs) <= 1e-5, (step, errs)
             worst = max(worst, *errs)
             if step in SPIKE_STEPS:
@@ -60,7 +70,7 @@ def test_agrees_with_the_foreach_path(dtype, weight_decay, triton_steps):
     # sizes: one element, empty, one block, several blocks with a ragged end (the interpreter's block is 256)
     torch.manual_seed(0)
     shapes = [(37, 5), (1,), (0,), (256,), (600, 3)]
-    a = [torch.randn(s, dtype=dtype) for s in shapes]
+    a = [torch.randn(s, dtype=dtype, device=DEVICE) for s in shapes]
     b = [t.clone() for t in a]
     opt_a = StableAdamW(a, lr=1e-2, weight_decay=weight_decay, foreach=True)
     opt_b = StableAdamW(b, lr=1e-2, weight_decay=weight_decay, foreach=True)
@@ -88,8 +98,8 @@ def test_falls_back_to_foreach_where_the_kernel_does_not_apply(triton_steps):
     """float64 parameters and a non-contiguous parameter take the foreach path, with its results."""
     torch.manual_seed(1)
     cases = [
-        [torch.nn.Parameter(torch.randn(5, 7, dtype=torch.float64))],
-        [torch.nn.Parameter(torch.randn(7, 5).t())],  # strided
+        [torch.nn.Parameter(torch.randn(5, 7, dtype=torch.float64, device=DEVICE))],
+        [torch.nn.Parameter(torch.randn(7, 5, device=DEVICE).t())],  # strided
     ]
     for params in cases:
         ref = [p.detach().clone().requires_grad_() for p in params]
@@ -116,7 +126,7 @@ def test_not_taken_on_cpu_tensors_by_default(triton_steps):
 def test_state_of_other_parameters_gets_the_foreach_error_not_the_kernel(triton_steps):
     """A state dict saved for parameters in another order gives state of the wrong sizes: the kernel
     (which walks raw addresses by each parameter's size) must not run on it."""
-    a, b = torch.nn.Parameter(torch.randn(300)), torch.nn.Parameter(torch.randn(10))
+    a, b = torch.nn.Parameter(torch.randn(300, device=DEVICE)), torch.nn.Parameter(torch.randn(10, device=DEVICE))
     for p in (a, b):
         p.grad = torch.randn_like(p)
     opt = StableAdamW([a, b], foreach=True)
@@ -133,8 +143,8 @@ def test_state_of_other_parameters_gets_the_foreach_error_not_the_kernel(triton_
 
 
 def test_a_parameter_listed_twice_takes_the_foreach_path(triton_steps):
-    p = torch.nn.Parameter(torch.randn(50))
-    p.grad = torch.randn(50)
+    p = torch.nn.Parameter(torch.randn(50, device=DEVICE))
+    p.grad = torch.randn(50, device=DEVICE)
     with pytest.warns(UserWarning, match="duplicate"), lowbit.use_backend("triton"):
         StableAdamW([p, p], foreach=True).step()
     assert triton_steps == []
