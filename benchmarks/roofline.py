@@ -145,10 +145,18 @@ def recorded_triton_launchers(rec: Recorder):
         rec.add("dequantize_rowwise", q.numel() + 4 * absmax.numel() + out.numel() * out.element_size())
         return out
 
+    def mm_dequant_rows(a, q, absmax):
+        (m, k), n = a.shape, q.shape[1]
+        with rec.paused():
+            out = torch.empty((m, n), dtype=a.dtype, device=a.device)
+        nbytes = a.numel() * a.element_size() + q.numel() + 4 * absmax.numel() + out.numel() * out.element_size()
+        rec.add("mm_dequant_rows", nbytes, 2 * m * n * k, "bf16")
+        return out
+
     # lowbit.int8.ops calls the launch_* entries (it has checked the inputs already).
     originals = {name: getattr(kernels, name) for name in ("launch_quantize_rowwise", "launch_quantize_tensorwise",
                                                           "launch_quantize_rowwise_column_sums",
-                                                          "launch_dequantize_rowwise",
+                                                          "launch_dequantize_rowwise", "launch_mm_dequant_rows",
                                                           "launch_quantize_tensorwise_and_transpose",
                                                           "launch_quantize_colwise_transposed",
                                                           "launch_int8_matmul_dequant")}
@@ -160,6 +168,7 @@ def recorded_triton_launchers(rec: Recorder):
     kernels.launch_int8_matmul_dequant = int8_matmul_dequant
     kernels.launch_quantize_rowwise_column_sums = quantize_rowwise_column_sums
     kernels.launch_dequantize_rowwise = dequantize_rowwise
+    kernels.launch_mm_dequant_rows = mm_dequant_rows
     kernels.launch_quantize_tensorwise_and_transpose = quantize_tensorwise_and_transpose
     # Nothing is interpreted (the launchers are swapped out), but lowbit's triton backend takes
     # non-CUDA tensors only under the interpreter's flag, read at each call.

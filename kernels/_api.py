@@ -14,6 +14,7 @@ from lowbit._inputs import MAX_INNER_DIM
 
 from .dequantize_rowwise import launch_dequantize_rowwise
 from .int8_matmul import int8_matmul_dequant, launch_int8_matmul_dequant
+from .mm_dequant_rows import launch_mm_dequant_rows
 from .quantize_rowwise import (
     launch_quantize_rowwise,
     launch_quantize_rowwise_column_sums,
@@ -34,6 +35,7 @@ __all__ = [
     "int8_matmul_dequant",
     "launch_dequantize_rowwise",
     "launch_int8_matmul_dequant",
+    "launch_mm_dequant_rows",
     "launch_quantize_colwise_transposed",
     "launch_quantize_rowwise",
     "launch_quantize_rowwise_column_sums",

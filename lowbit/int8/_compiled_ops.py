@@ -105,3 +105,13 @@ def launch_dequantize_rowwise(q: torch.Tensor, absmax: torch.Tensor, dtype: torc
 @launch_dequantize_rowwise.register_fake
 def _(q, absmax, dtype):
     return q.new_empty(q.shape, dtype=dtype)
+
+
+@torch.library.custom_op("lowbit::mm_dequant_rows", mutates_args=())
+def launch_mm_dequant_rows(a: torch.Tensor, q: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    return _kernels().launch_mm_dequant_rows(a, q, absmax)
+
+
+@launch_mm_dequant_rows.register_fake
+def _(a, q, absmax):
+    return a.new_empty((a.shape[0], q.shape[1]))

@@ -211,10 +211,13 @@ class _SwitchBackMatmul(torch.autograd.Function):
                         "needs weight_quant without mem_efficient (\"switchback\" or \"switchback-row\")"
                     )
                 x_int8, x_absmax = saved_x
-                x = ops.dequantize_rowwise(x_int8, x_absmax, grad_output.dtype)
+                if config.grad_weight == "int8":
+                    grad_weight = _int8_grad_weight(g, ops.dequantize_rowwise(x_int8, x_absmax, g.dtype))
+                else:  # g.T @ x with x dequantized inside the GEMM (never written back in 16-bit)
+                    grad_weight = ops.mm_dequantized(g.t(), x_int8, x_absmax)
             else:
                 x = flatten_rows(saved_x[0])
-            grad_weight = _int8_grad_weight(g, x) if config.grad_weight == "int8" else g.t().mm(x)
+                grad_weight = _int8_grad_weight(g, x) if config.grad_weight == "int8" else g.t().mm(x)
 
         if wants_bias:
             grad_bias = (g_sums if g_sums is not None else g.sum(dim=0)).to(ctx.bias_dtype)

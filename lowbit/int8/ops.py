@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from lowbit._backend import use_triton
-from lowbit._inputs import LINEAR_DTYPES, MAX_INNER_DIM, check_float_matrix, check_int8_matmul
+from lowbit._inputs import FLOAT_DTYPES, LINEAR_DTYPES, MAX_INNER_DIM, check_float_matrix, check_int8_matmul
 
 __all__ = [
     "quantize_rowwise",
@@ -29,6 +29,7 @@ __all__ = [
     "quantize_tensorwise_and_transpose",
     "quantize_colwise_transposed",
     "dequantize_rowwise",
+    "mm_dequantized",
     "int8_matmul_dequant",
     "MAX_INNER_DIM",
 ]
@@ -157,6 +158,27 @@ def dequantize_rowwise(q: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype
     if use_triton(q):
         return _kernels().launch_dequantize_rowwise(q, absmax, dtype)
     return (q.float() * (absmax[:, None] / 127.0)).to(dtype).contiguous()
+
+
+def mm_dequantized(a: torch.Tensor, q: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
+    """a @ dequantize_rowwise(q, absmax, a.dtype): a (M, K) float, q (K, N) int8 with row scales (K,).
+
+    Mem-efficient SwitchBack's weight gradient g.T @ x from int8 x. On the Triton path x is
+    dequantized tile by tile inside the GEMM (never written in 16-bit); the values it multiplies are
+    the twin's, the sums fp32 in the kernel's order, rounded once to a's dtype.
+    """
+    if not isinstance(a, torch.Tensor) or a.dim() != 2 or a.dtype not in LINEAR_DTYPES:
+        raise TypeError(f"mm_dequantized: a must be a 2-D float tensor, got {getattr(a, 'dtype', type(a))}")
+    if q.dtype != torch.int8 or q.dim() != 2 or q.shape[0] != a.shape[1]:
+        raise ValueError(f"mm_dequantized: cannot multiply {tuple(a.shape)} by int8 {q.dtype} {tuple(q.shape)}")
+    if absmax.shape != (q.shape[0],) or absmax.dtype != torch.float32:
+        raise ValueError(f"mm_dequantized: absmax must be ({q.shape[0]},) float32, got {absmax.dtype} "
+                         f"{tuple(absmax.shape)}")
+    if len({a.device, q.device, absmax.device}) != 1:
+        raise ValueError(f"mm_dequantized: tensors on different devices {a.device}, {q.device}, {absmax.device}")
+    if a.dtype in FLOAT_DTYPES and use_triton(a):
+        return _kernels().launch_mm_dequant_rows(a, q, absmax)
+    return a.mm(dequantize_rowwise(q, absmax, a.dtype))
 
 
 def _int_mm_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -31,11 +31,12 @@ from triton.runtime.autotuner import Autotuner, Heuristics  # noqa: E402
 from triton.runtime.jit import JITFunction, create_function_from_signature  # noqa: E402
 
 # import_module: lowbit.kernels re-exports functions under their modules' names.
-_common, dequantize_rowwise, int8_matmul, quantize_rowwise, quantize_tiled, stable_adamw = (
+_common, dequantize_rowwise, int8_matmul, mm_dequant_rows, quantize_rowwise, quantize_tiled, stable_adamw = (
     importlib.import_module(f"lowbit.kernels.{name}")
-    for name in ("_common", "dequantize_rowwise", "int8_matmul", "quantize_rowwise", "quantize_tiled", "stable_adamw")
+    for name in ("_common", "dequantize_rowwise", "int8_matmul", "mm_dequant_rows", "quantize_rowwise",
+                 "quantize_tiled", "stable_adamw")
 )
-MODULES = (dequantize_rowwise, int8_matmul, quantize_rowwise, quantize_tiled, stable_adamw)
+MODULES = (dequantize_rowwise, int8_matmul, mm_dequant_rows, quantize_rowwise, quantize_tiled, stable_adamw)
 # Usable shared memory per block: A100 163 KiB, H100/H200 227 KiB (CUDA programming guide, table 21).
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 WARP_SIZE = 32
@@ -91,7 +92,9 @@ def record_launches() -> list[tuple[object, dict]]:
     quantize_tiled.quantize_tensorwise(x, transpose=True)
     quantize_tiled.quantize_tensorwise_and_transpose(x)
     q, scales, tensor_scale = torch.zeros(n, n, dtype=torch.int8), torch.ones(n), torch.ones(())
-    dequantize_rowwise.launch_dequantize_rowwise(q, scales, torch.bfloat16)  # mem-efficient's x for grad_weight
+    dequantize_rowwise.launch_dequantize_rowwise(q, scales, torch.bfloat16)
+    # mem-efficient's grad_weight: g.T (bf16, strided) @ int8 x dequantized in the GEMM
+    mm_dequant_rows.launch_mm_dequant_rows(torch.zeros(n, n, dtype=torch.bfloat16).t(), q, scales)
     # forward (x @ w.T, row-wise w, bias) and grad_input (g @ w, tensor-wise w): B is K-major in both
     int8_matmul.int8_matmul_dequant(q, q.t(), scales, scales, bias=scales, out_dtype=torch.bfloat16)
     int8_matmul.int8_matmul_dequant(q, q.t(), scales, tensor_scale, out_dtype=torch.bfloat16)

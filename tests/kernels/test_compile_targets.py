@@ -66,6 +66,7 @@ def test_every_kernel_and_config_compiled(compiled, cap):
         "_int8_matmul_dequant_kernel",
         "_quantize_rowwise_body",
         "_dequantize_rowwise_kernel",
+        "_mm_dequant_rows_kernel",
         "_moments_kernel",
         "_sums_kernel",
         "_update_kernel",

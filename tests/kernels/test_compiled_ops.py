@@ -22,6 +22,7 @@ def _cases():
         (_compiled_ops.launch_quantize_rowwise, (x,)),
         (_compiled_ops.launch_quantize_rowwise_column_sums, (x,)),
         (_compiled_ops.launch_dequantize_rowwise, (a, a_absmax, torch.bfloat16)),
+        (_compiled_ops.launch_mm_dequant_rows, (x.t().contiguous().t(), _int8(37, 29), torch.rand(37, device=DEVICE))),
         (_compiled_ops.launch_quantize_tensorwise, (x, False)),
         (_compiled_ops.launch_quantize_tensorwise, (x.t(), True)),  # non-contiguous input
         (_compiled_ops.launch_quantize_colwise_transposed, (x,)),
@@ -33,7 +34,7 @@ def _cases():
     ]
 
 
-@pytest.mark.parametrize("index", range(8))
+@pytest.mark.parametrize("index", range(9))
 def test_custom_op_passes_opcheck(index):
     op, args = _cases()[index]
     # Schema, fake tensor (shapes, dtypes, strides against the real kernel) and AOT dispatch.
