@@ -74,7 +74,8 @@ class Recorder(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = func._schema.name.split("::")[-1]
-        if self._paused or func.is_view or name in _NO_KERNEL or not _on_device(args):
+        # (a copy from the host to the device counts: its output is on the modelled device)
+        if self._paused or func.is_view or name in _NO_KERNEL or not (_on_device(args) or _on_device([out])):
             return out
         flops, kind = 0, "bf16"
         if name in _MATMULS:
@@ -212,25 +213,49 @@ def record_optimizer_step(dim_in: int, dim_out: int) -> list[dict]:
     return rec.launches
 
 
+class _KernelRecorder:
+    """Stands in for a Triton kernel: `kernel[grid](**kwargs)` adds one launch with the bytes that
+    `traffic(kwargs)` gives for it (the kernel's loads and stores, read off its code)."""
+
+    def __init__(self, rec: Recorder, name: str, traffic):
+        self.rec, self.name, self.traffic = rec, name, traffic
+
+    def __getitem__(self, grid):
+        def launch(**kwargs):
+            self.rec.add(self.name, self.traffic(kwargs))
+        return launch
+
+
 def triton_optimizer_step(dim_in: int, dim_out: int) -> list[dict]:
-    """The launches of StableAdamW's Triton step (lowbit/kernels/stable_adamw.py) on the layer's fp32
-    weight and bias, counted from the kernels' loads and stores (they cannot run on the meta device)."""
+    """Launches of StableAdamW's Triton step (lowbit/kernels/stable_adamw.py) on the layer's fp32
+    weight and bias, recorded from the code on meta tensors: each Triton kernel with its loads and
+    stores, each torch op with its reads and writes, the host-to-device copies of the tables."""
     from lowbit.kernels import stable_adamw as kernel
 
-    numels = [dim_out * dim_in, dim_out]
-    n, tensors = sum(numels), len(numels)
-    blocks = sum(-(-m // kernel.BLOCK) for m in numels)
-    return [
-        {"name": "h2d tables", "bytes": 8 * 5 * tensors + 4 * 3 * tensors, "flops": 0, "kind": "bf16"},
-        # g read; v and u read and written; one partial sum per block
-        {"name": "_moments_kernel", "bytes": 4 * n + 16 * n + 4 * blocks, "flops": 0, "kind": "bf16"},
-        {"name": "_sums_kernel", "bytes": 4 * blocks + 4 * tensors, "flops": 0, "kind": "bf16"},
-        # RMS and eta on T-sized tensors: clamp_min, to, div_, sqrt_, div, clamp_min_, reciprocal_, mul_
-        *({"name": op, "bytes": 8 * tensors, "flops": 0, "kind": "bf16"} for op in range(8)),
-        # p, v, u read; p written
-        {"name": "_update_kernel", "bytes": 16 * n, "flops": 0, "kind": "bf16"},
-        {"name": "_foreach_copy_ (rms)", "bytes": 8 * tensors, "flops": 0, "kind": "bf16"},
-    ]
+    params = [torch.empty(dim_out, dim_in, device="meta"), torch.empty(dim_out, device="meta")]
+    grads, exp_avgs, exp_avg_sqs = ([torch.empty_like(p) for p in params] for _ in range(3))
+    n, elt = sum(p.numel() for p in params), params[0].element_size()
+    layout = kernel.block_layout(tuple(p.numel() for p in params), torch.device("meta"))
+    blocks, tensors = layout[0].numel(), len(params)
+    rec = Recorder()
+    traffic = {
+        "_moments_kernel": lambda kw: elt * n + 16 * n + 4 * blocks,  # g read; v, u read and written; block sums
+        "_sums_kernel": lambda kw: 4 * blocks + 4 * tensors,
+        "_update_kernel": lambda kw: 2 * elt * n + 8 * n,  # p read and written; v, u read
+    }
+    originals = {name: getattr(kernel, name) for name in traffic}
+    try:
+        for name, count in traffic.items():
+            setattr(kernel, name, _KernelRecorder(rec, name, count))
+        rms_states = [torch.empty((), device="meta") for _ in params]
+        with rec:
+            rms = kernel.stable_adamw_step(params, grads, exp_avgs, exp_avg_sqs, [0.1, 0.9, 0.1] * tensors,
+                                           layout, lr=1e-3, eps=1e-6, weight_decay=0.1, clip_threshold=1.0)
+            torch._foreach_copy_(rms_states, list(rms.unbind(0)))  # as StableAdamW._triton_step stores them
+    finally:
+        for name, fn in originals.items():
+            setattr(kernel, name, fn)
+    return rec.launches
 
 
 def fused_adamw_step(dim_in: int, dim_out: int) -> list[dict]:

@@ -61,3 +61,24 @@ def test_tensorwise_weight_is_quantized_once_per_step(monkeypatch):
         with torch.no_grad():  # inference: no transposed copy
             layer(x)
         assert calls == ["launch_quantize_tensorwise"]
+
+
+@pytest.mark.parametrize("name", ["switchback", "switchback-row", "switchback-memeff", "fp8-tensorwise"])
+def test_backward_fills_no_zero_gradients_for_the_saved_low_precision_outputs(name):
+    """The Functions' int8 / fp8 side outputs carry no gradient; autograd must not fill zeros for them."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Fills(TorchDispatchMode):
+        seen: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func._schema.name.split("::")[-1] in ("zeros", "zeros_like", "fill_", "zero_", "new_zeros"):
+                Fills.seen.append(func._schema.name)
+            return func(*args, **(kwargs or {}))
+
+    model = torch.nn.Sequential(torch.nn.Linear(32, 48))
+    lowbit.swap(model, name, filter_fn=lowbit.ALL, **({"simulate": True} if name.startswith("fp8") else {}))
+    out = model(torch.randn(9, 32, requires_grad=True))
+    with Fills():
+        out.backward(torch.randn_like(out))
+    assert Fills.seen == []

@@ -68,3 +68,10 @@ def test_triton_optimizer_step_is_36_bytes_per_parameter_in_a_fixed_number_of_la
     big = sum(op["bytes"] for op in large if op["name"] in ("_moments_kernel", "_update_kernel"))
     blocks = -(-1024 * 4096 // stable_adamw.BLOCK) + -(-4096 // stable_adamw.BLOCK)
     assert big == 36 * n + 4 * blocks  # g, v, u read, v, u written; p, v, u read, p written; block sums
+
+
+def test_no_zero_fills_in_a_switchback_step():
+    for config in (roofline.SwitchBackConfig(), roofline.SwitchBackConfig(weight_quant="row"),
+                   roofline.SwitchBackConfig(mem_efficient=True)):
+        names = [op["name"] for op in roofline.record_layer(T, K, N, config)]
+        assert not {"zeros", "zeros_like", "fill_", "zero_"} & set(names), names

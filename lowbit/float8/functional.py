@@ -59,6 +59,7 @@ class _Float8Matmul(torch.autograd.Function):
         input, weight, bias, config, scaled_mm, _ = inputs
         _, x_fp8, x_scale_inv = output
         ctx.mark_non_differentiable(x_fp8, x_scale_inv)
+        ctx.set_materialize_grads(False)  # their gradients are never read: no zero tensors for them
         ctx.config = config
         ctx.scaled_mm = scaled_mm
         ctx.input_shape = input.shape
@@ -75,6 +76,8 @@ class _Float8Matmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, _grad_x_fp8, _grad_x_scale_inv):
+        if grad_output is None:  # (not materialized: nothing reached the output)
+            return None, None, None, None, None, None
         weight, *saved_x = ctx.saved_tensors
         g = flatten_rows(grad_output)
         config, scaled_mm = ctx.config, ctx.scaled_mm

@@ -162,6 +162,8 @@ class _SwitchBackMatmul(torch.autograd.Function):
         input, weight, bias, config, _, _ = inputs
         _, x_int8, x_absmax, w_int8_t, w_absmax = output
         ctx.mark_non_differentiable(x_int8, x_absmax, w_int8_t, w_absmax)
+        # Their gradients are never read: no zero tensors for them (autograd would fill four per call).
+        ctx.set_materialize_grads(False)
         ctx.config = config
         ctx.input_shape = input.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -178,6 +180,8 @@ class _SwitchBackMatmul(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output, _grad_x_int8, _grad_x_absmax, _grad_w_int8_t, _grad_w_absmax):
+        if grad_output is None:  # (not materialized: nothing reached the output)
+            return None, None, None, None, None, None
         weight, w_int8_t, w_absmax, *saved_x = ctx.saved_tensors
         config = ctx.config
         g = flatten_rows(grad_output)
