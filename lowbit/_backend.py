@@ -52,6 +52,11 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def triton_can_run(x: torch.Tensor) -> bool:
+    """Whether Triton kernels can run on `x` here: a CUDA tensor, or any under the interpreter."""
+    return triton_available() and (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
+
+
 def use_triton(x: torch.Tensor) -> bool:
     """Whether an op on `x` should launch a Triton kernel, raising if Triton was forced but can't run."""
     backend = get_backend()
@@ -61,7 +66,7 @@ def use_triton(x: torch.Tensor) -> bool:
         return x.is_cuda and triton_available()
     if not triton_available():
         raise RuntimeError("LOWBIT_BACKEND=triton but triton is not installed: `pip install triton` (Linux).")
-    if not x.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+    if not triton_can_run(x):
         raise RuntimeError(
             "LOWBIT_BACKEND=triton on CPU tensors needs Triton's interpreter: set TRITON_INTERPRET=1 "
             "before triton is imported, or use LOWBIT_BACKEND=auto."

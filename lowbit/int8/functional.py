@@ -167,9 +167,9 @@ class _SwitchBackMatmul(torch.autograd.Function):
         ctx.config = config
         ctx.input_shape = input.shape
         ctx.bias_dtype = None if bias is None else bias.dtype
-        # Whether forward wrote q(w)^T (2-D) or a placeholder (1-D, empty).
-        ctx.weight_t_kept = w_int8_t.dim() == 2 and ctx.needs_input_grad[0]
-        weight_t = (w_int8_t, w_absmax) if ctx.weight_t_kept else (None, None)
+        # q(w)^T, if forward wrote it (2-D, not the 1-D placeholder) and grad_input will read it.
+        kept = w_int8_t.dim() == 2 and ctx.needs_input_grad[0]
+        weight_t = (w_int8_t, w_absmax) if kept else (None, None)
         # x is needed only for grad_weight: keep it, or its int8 copy, only then.
         if not ctx.needs_input_grad[1]:
             ctx.save_for_backward(weight, *weight_t)
@@ -196,7 +196,7 @@ class _SwitchBackMatmul(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_config = dataclasses.replace(config, mem_efficient=False)
             if not torch.is_grad_enabled() and _plain(g):
-                weight_t = (w_int8_t, w_absmax) if ctx.weight_t_kept else None  # = quantize_weight(w.T)
+                weight_t = (w_int8_t, w_absmax) if w_int8_t is not None else None  # = quantize_weight(w.T)
                 # (float64 keeps its float64 g.sum: the fused sums are fp32.)
                 sums = wants_bias and g.dtype != torch.float64
                 grad_input, _, _, g_sums, _ = _int8_linear(g, weight.t(), None, grad_config, weight_t, column_sums=sums)

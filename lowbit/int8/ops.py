@@ -140,24 +140,32 @@ def quantize_colwise_transposed(x: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return q, _nan_if_not_finite(absmax)
 
 
+def _check_int8_rows(q: torch.Tensor, absmax: torch.Tensor, op: str) -> None:
+    """q a 2-D int8 tensor and absmax its (rows,) fp32 scales, on q's device."""
+    if not isinstance(q, torch.Tensor) or q.dtype != torch.int8 or q.dim() != 2:
+        raise TypeError(f"{op}: expected a 2-D int8 tensor, got {getattr(q, 'dtype', type(q))} "
+                        f"{tuple(getattr(q, 'shape', ()))}")
+    if absmax.shape != (q.shape[0],) or absmax.dtype != torch.float32:
+        raise ValueError(f"{op}: absmax must be ({q.shape[0]},) float32, got {absmax.dtype} {tuple(absmax.shape)}")
+    if absmax.device != q.device:
+        raise ValueError(f"{op}: q on {q.device} but absmax on {absmax.device}")
+
+
+def _dequantize_rowwise_torch(q: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (q.float() * (absmax[:, None] / 127.0)).to(dtype).contiguous()
+
+
 def dequantize_rowwise(q: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """x_hat = q * (absmax / 127) per row: q (M, K) int8, absmax (M,) fp32 -> (M, K) contiguous in `dtype`.
 
     The product is formed in fp32 and rounded once to `dtype` (float16/bfloat16/float32/float64).
     """
-    if not isinstance(q, torch.Tensor) or q.dtype != torch.int8 or q.dim() != 2:
-        raise TypeError(f"dequantize_rowwise: expected a 2-D int8 tensor, got {getattr(q, 'dtype', type(q))} "
-                        f"{tuple(getattr(q, 'shape', ()))}")
-    if absmax.shape != (q.shape[0],) or absmax.dtype != torch.float32:
-        raise ValueError(f"dequantize_rowwise: absmax must be ({q.shape[0]},) float32, got {absmax.dtype} "
-                         f"{tuple(absmax.shape)}")
+    _check_int8_rows(q, absmax, "dequantize_rowwise")
     if dtype not in LINEAR_DTYPES:
         raise TypeError(f"dequantize_rowwise: dtype must be float16, bfloat16, float32 or float64, got {dtype}")
-    if absmax.device != q.device:
-        raise ValueError(f"dequantize_rowwise: q on {q.device} but absmax on {absmax.device}")
     if use_triton(q):
         return _kernels().launch_dequantize_rowwise(q, absmax, dtype)
-    return (q.float() * (absmax[:, None] / 127.0)).to(dtype).contiguous()
+    return _dequantize_rowwise_torch(q, absmax, dtype)
 
 
 def mm_dequantized(a: torch.Tensor, q: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
@@ -169,16 +177,14 @@ def mm_dequantized(a: torch.Tensor, q: torch.Tensor, absmax: torch.Tensor) -> to
     """
     if not isinstance(a, torch.Tensor) or a.dim() != 2 or a.dtype not in LINEAR_DTYPES:
         raise TypeError(f"mm_dequantized: a must be a 2-D float tensor, got {getattr(a, 'dtype', type(a))}")
-    if q.dtype != torch.int8 or q.dim() != 2 or q.shape[0] != a.shape[1]:
-        raise ValueError(f"mm_dequantized: cannot multiply {tuple(a.shape)} by int8 {q.dtype} {tuple(q.shape)}")
-    if absmax.shape != (q.shape[0],) or absmax.dtype != torch.float32:
-        raise ValueError(f"mm_dequantized: absmax must be ({q.shape[0]},) float32, got {absmax.dtype} "
-                         f"{tuple(absmax.shape)}")
-    if len({a.device, q.device, absmax.device}) != 1:
-        raise ValueError(f"mm_dequantized: tensors on different devices {a.device}, {q.device}, {absmax.device}")
+    _check_int8_rows(q, absmax, "mm_dequantized")
+    if q.shape[0] != a.shape[1]:
+        raise ValueError(f"mm_dequantized: cannot multiply {tuple(a.shape)} by int8 {tuple(q.shape)}")
+    if a.device != q.device:
+        raise ValueError(f"mm_dequantized: a on {a.device} but q on {q.device}")
     if a.dtype in FLOAT_DTYPES and use_triton(a):
         return _kernels().launch_mm_dequant_rows(a, q, absmax)
-    return a.mm(dequantize_rowwise(q, absmax, a.dtype))
+    return a.mm(_dequantize_rowwise_torch(q, absmax, a.dtype))
 
 
 def _int_mm_exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -78,6 +78,13 @@ def _e8m0_scale(amax: torch.Tensor, emax_elem: int) -> torch.Tensor:
     return torch.where(torch.isfinite(amax), scale, torch.nan)
 
 
+def fp32_scale(amax: torch.Tensor, fmax: float) -> torch.Tensor:
+    """fp8-blockwise's block scale amax / fmax (amax floored at AMAX_FLOOR; 1 for an all-zero block,
+    NaN for one holding inf or NaN). The simulation and lowbit.mx.real both take it from here."""
+    scale = torch.where(amax > 0, amax.clamp(min=AMAX_FLOOR) / fmax, 1.0)
+    return torch.where(torch.isfinite(amax), scale, torch.nan)
+
+
 def quantize(x: torch.Tensor, fmt: str, *, weight: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x (R, K) float -> (x_hat (R, K) fp32, tensor_scale () fp32), x ~ x_hat * tensor_scale.
 
@@ -100,8 +107,7 @@ def quantize(x: torch.Tensor, fmt: str, *, weight: bool = False) -> tuple[torch.
         scale = _e8m0_scale(amax, emax_elem)
         q = round_element(xb / scale, spec.element)
     elif spec.scale == "fp32":
-        scale = torch.where(amax > 0, amax.clamp(min=AMAX_FLOOR) / fmax, 1.0)
-        scale = torch.where(torch.isfinite(amax), scale, torch.nan)
+        scale = fp32_scale(amax, fmax)
         q = round_element(xb / scale, spec.element)
     else:  # nvfp4
         amax_t = amax.amax()

@@ -57,14 +57,12 @@ def real_fp8_blockwise_reason(a: torch.Tensor, b_t: torch.Tensor, out_dtype: tor
 def fp8_blockwise_parts(x: torch.Tensor, *, weight: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """x (R, K), K a multiple of 128 (and R, for a weight) -> (q (R, K) float8_e4m3fn, scales fp32):
     (R, K/128) per 1x128 tile, or (R/128, K/128) per 128x128 block. lowbit.mx.ops' rule exactly."""
-    from lowbit.mx.ops import AMAX_FLOOR, round_element
+    from lowbit.mx.ops import _blocks, fp32_scale, round_element
 
     r, k = x.shape
     rows = TILE if weight else 1
-    xb = x.float().reshape(r // rows, rows, k // TILE, TILE)
-    amax = xb.abs().amax(dim=(1, 3), keepdim=True)
-    scale = torch.where(amax > 0, amax.clamp(min=AMAX_FLOOR) / E4M3_MAX, 1.0)
-    scale = torch.where(torch.isfinite(amax), scale, torch.nan)
+    xb = _blocks(x.float(), rows, TILE)  # no padding: the sizes are multiples of the blocks
+    scale = fp32_scale(xb.abs().amax(dim=(1, 3), keepdim=True), E4M3_MAX)
     q = round_element(xb / scale, "e4m3")  # exact e4m3 values: the cast below is exact
     return q.reshape(r, k).to(torch.float8_e4m3fn), scale.reshape(r // rows, k // TILE)
 

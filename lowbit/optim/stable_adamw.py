@@ -1,6 +1,5 @@
 """StableAdamW: AdamW with Adafactor-style update clipping (Wortsman, Dettmers et al., 2023)."""
 
-import os
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -8,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lowbit._backend import use_triton
+from lowbit._backend import triton_can_run, use_triton
 from lowbit._inputs import FLOAT_DTYPES
 
 try:  # FSDP2 shards parameters as DTensors; torch.distributed may be missing from a build
@@ -379,9 +378,8 @@ def _triton_step_applies(params, grads, exp_avgs, exp_avg_sqs) -> bool:
     first = params[0]
     if first.dtype not in FLOAT_DTYPES or torch.compiler.is_compiling():
         return False  # (traced by torch.compile: the foreach ops, which it knows how to compile)
-    if not first.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
-        return False  # CPU parameters (offloaded groups), whatever LOWBIT_BACKEND asks of the int8 ops
-    if not use_triton(first):
+    # CPU parameters (offloaded groups) outside the interpreter: foreach, whatever LOWBIT_BACKEND asks
+    if not triton_can_run(first) or not use_triton(first):
         return False
     tensors = (*params, *grads, *exp_avgs, *exp_avg_sqs)
     if not all(not _is_dtensor(t) and t.is_contiguous() and t.device == first.device for t in tensors):
