@@ -149,3 +149,16 @@ def test_on_hopper_the_layer_runs_on_tensor_cores_and_matches_the_simulation():
         want.float().square().sum().backward()
     assert sqnr_db(want.double(), out.double()) > 40
     assert sqnr_db(xs.grad.double(), x.grad.double()) > 35
+
+
+@pytest.mark.gpu
+def test_on_hopper_a_gemm_the_kernel_does_not_take_is_simulated_with_a_note():
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the 1x128 / 128x128 fp8 kernels are Hopper's (compute capability 9.x)")
+    ops.note_simulated.cache_clear()
+    layer = BlockScaledLinear(200, 256, format="fp8-blockwise", device="cuda", dtype=torch.bfloat16)  # K % 128
+    x = torch.randn(64, 200, device="cuda", dtype=torch.bfloat16)
+    with pytest.warns(UserWarning, match="does not take: inner dimension 200"):
+        out = layer(x)
+    with lowbit.use_backend("torch"):
+        assert torch.equal(out, layer(x))  # the simulation, exactly
