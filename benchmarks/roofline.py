@@ -265,9 +265,10 @@ def fused_adamw_step(dim_in: int, dim_out: int) -> list[dict]:
     return [{"name": "_fused_adamw_", "bytes": 28 * n, "flops": 0, "kind": "bf16"}]
 
 
-def predict(launches: list[dict], gpu: dict) -> float:
-    """Seconds: each launch bound by compute or by memory, plus its launch overhead."""
-    return sum(max(op["flops"] / gpu[op["kind"]], op["bytes"] / gpu["bandwidth"]) + LAUNCH_S for op in launches)
+def predict(launches: list[dict], gpu: dict, launch_s: float = LAUNCH_S) -> float:
+    """Seconds: each launch bound by compute or by memory, plus its launch overhead (launch_s = 0 gives
+    the design's ceiling: what no scheduling of these launches can beat)."""
+    return sum(max(op["flops"] / gpu[op["kind"]], op["bytes"] / gpu["bandwidth"]) + launch_s for op in launches)
 
 
 def minimum_bytes(tokens: int, dim_in: int, dim_out: int) -> int:
@@ -277,7 +278,7 @@ def minimum_bytes(tokens: int, dim_in: int, dim_out: int) -> int:
     return 8 * tokens * dim_in + 8 * tokens * dim_out + 10 * dim_in * dim_out
 
 
-def run(tokens: int, dim_in: int, dim_out: int) -> dict:
+def run(tokens: int, dim_in: int, dim_out: int, launch_s: float = LAUNCH_S) -> dict:
     cases = {
         "switchback": record_layer(tokens, dim_in, dim_out, SwitchBackConfig()),
         "switchback_mem_efficient": record_layer(tokens, dim_in, dim_out, SwitchBackConfig(mem_efficient=True)),
@@ -291,14 +292,14 @@ def run(tokens: int, dim_in: int, dim_out: int) -> dict:
         "shape": {"tokens": tokens, "dim_in": dim_in, "dim_out": dim_out},
         "model": "max(flops / peak, bytes / bandwidth) + launch overhead per launch; not a measurement",
         "gpus": GPUS,
-        "launch_s": LAUNCH_S,
+        "launch_s": launch_s,
         "cases": {
             name: {
                 "launches": launches,
                 "bytes": sum(op["bytes"] for op in launches),
                 "byte_ratio": sum(op["bytes"] for op in launches) / minimum_bytes(tokens, dim_in, dim_out),
                 "flops": sum(op["flops"] for op in launches),
-                "predicted_s": {gpu: predict(launches, spec) for gpu, spec in GPUS.items()},
+                "predicted_s": {gpu: predict(launches, spec, launch_s) for gpu, spec in GPUS.items()},
             }
             for name, launches in cases.items()
         },
@@ -310,9 +311,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--dim", type=int, default=4096, help="input features")
     parser.add_argument("--dim-out", type=int, default=None, help="output features (default: 4 * dim)")
+    parser.add_argument("--launch-us", type=float, default=LAUNCH_S * 1e6,
+                        help="overhead per launch in microseconds (0: the design's ceiling)")
     parser.add_argument("--json", action="store_true", help="print the full result as JSON")
     args = parser.parse_args(argv)
-    result = run(args.tokens, args.dim, args.dim_out or 4 * args.dim)
+    if args.launch_us < 0:
+        parser.error(f"--launch-us must be >= 0, got {args.launch_us}")
+    result = run(args.tokens, args.dim, args.dim_out or 4 * args.dim, args.launch_us * 1e-6)
     if args.json:
         print(json.dumps(result, indent=1))
         return result

@@ -39,8 +39,10 @@ _AMPERE_CONFIGS = [
     _config(32, 64, 128, 4, 4),
 ]
 # Hopper: Triton 3.8 does not keep an int32-accumulating wgmma in flight across k-steps (each step ends
-# in wgmma.wait_group 0; the same loop in fp16 or fp8 keeps one group pending), so a block idles its
-# tensor cores while it waits. Two levers: a second resident block per SM to fill the gap (<= 96 KiB
+# in wgmma.wait_group 0; the same loop in fp16 or fp8 keeps one group pending): its pipeliner makes a
+# wgmma "properly async" only for an fp32 accumulator (WGMMAPipeline.cpp, dotCanBeProperlyAsync), and
+# no rewrite of this loop (acc +=, tl.range stages, two accumulators) changes that. So a block idles
+# its tensor cores while it waits. Two levers: a second resident block per SM to fill the gap (<= 96 KiB
 # shared memory and, at 4 warps, <= 255 registers), and BLOCK_SIZE_K 256 (8 wgmma k32 per wait).
 _HOPPER_CONFIGS = [
     _config(128, 128, 128, 3, 4),  # 96 KiB, 2 blocks per SM

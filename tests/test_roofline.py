@@ -75,3 +75,19 @@ def test_no_zero_fills_in_a_switchback_step():
                    roofline.SwitchBackConfig(mem_efficient=True)):
         names = [op["name"] for op in roofline.record_layer(T, K, N, config)]
         assert not {"zeros", "zeros_like", "fill_", "zero_"} & set(names), names
+
+
+def test_launch_overhead_is_added_once_per_launch():
+    """--launch-us 0 prices the launches alone (the design's ceiling); each microsecond adds one per launch."""
+    free, priced = roofline.run(T, K, N, launch_s=0.0)["cases"], roofline.run(T, K, N, launch_s=5e-6)["cases"]
+    for name, case in priced.items():
+        extra = case["predicted_s"]["H100"] - free[name]["predicted_s"]["H100"]
+        assert abs(extra - 5e-6 * len(case["launches"])) < 1e-12, name
+
+
+def test_cli_refuses_a_negative_launch_overhead(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        roofline.main(["--launch-us", "-1"])
+    assert "--launch-us must be >= 0" in capsys.readouterr().err
