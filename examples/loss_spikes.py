@@ -159,7 +159,8 @@ def train(args: argparse.Namespace, opt_name: str, seed: int) -> dict:
     model = TinyViT(args.width, args.depth, args.heads)
     optimizer = make_optimizer(opt_name, model, args)
     stem = f"{opt_name}_seed{seed}"
-    monitor = lowbit.SpikeMonitor(model, optimizer, jsonl=args.out / f"{stem}.jsonl")
+    # "w": this example regenerates all of --out (its PNGs and summary.json too), so a rerun replaces the JSONL.
+    monitor = lowbit.SpikeMonitor(model, optimizer, jsonl=args.out / f"{stem}.jsonl", jsonl_mode="w")
     g = torch.Generator().manual_seed(seed + 1)  # the same batches for both optimizers
 
     train_s = monitor_s = 0.0

@@ -315,7 +315,7 @@ class _Run:
                 optimizer,
                 action=self.options.lowbit_monitor_action,
                 jsonl=jsonl,
-                jsonl_mode="a" if self.monitor_state is not None else "w",
+                jsonl_mode="a" if self.monitor_state is not None else "x",  # never over an old log
             )
             if self.monitor_state is not None:
                 self.monitor.load_state_dict(self.monitor_state)

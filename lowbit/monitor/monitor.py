@@ -127,8 +127,10 @@ class SpikeMonitor:
         snapshot_every: "rollback" keeps a snapshot from a step without events this often.
         snapshot_device: where "rollback" snapshots live: "cpu" or None (each tensor's device).
         jsonl: write one JSON line per step here (format in `lowbit.monitor.writers`).
-        jsonl_mode: "w" starts the file afresh; "a" keeps its lines and appends (to resume a run:
-            `load_state_dict` then drops the lines of steps after the restored one).
+        jsonl_mode: "x" starts a new file and refuses one that already holds lines (a new run never
+            overwrites an old one's log); "w" starts the file afresh, replacing what it holds; "a"
+            keeps its lines and appends (to resume a run: `load_state_dict` then drops the lines of
+            steps after the restored one).
         tensorboard: a TensorBoard log dir (needs the `tensorboard` package).
         keep_history: keep losses and RMS values in memory for `plot()`.
         foreach: compute RMS with grouped `torch._foreach_*` calls (few kernel launches) or, False,
@@ -136,6 +138,7 @@ class SpikeMonitor:
 
     Raises:
         ValueError: for an unknown action, event kind or jsonl_mode, or a non-Adam-family optimizer.
+        FileExistsError: for jsonl_mode "x" and a `jsonl` file that already holds lines.
     """
 
     def __init__(
@@ -152,7 +155,7 @@ class SpikeMonitor:
         snapshot_every: int = 100,
         snapshot_device: str | torch.device | None = "cpu",
         jsonl: str | os.PathLike | None = None,
-        jsonl_mode: str = "w",
+        jsonl_mode: str = "x",
         tensorboard: str | os.PathLike | None = None,
         keep_history: bool = True,
         foreach: bool | None = None,
@@ -203,6 +206,7 @@ class SpikeMonitor:
         # Whether optimizer.step() ran since the last call: RMS_t is meaningless without the u_t that
         # includes g_t (e.g. GradScaler skipped an overflow step and the gradients hold infs).
         self._stepped = False
+        self._closed = False
         self._checkpoint: Checkpoint | None = None
         if action == "rollback":
             self._checkpoint = Checkpoint(model, optimizer, device=snapshot_device)
@@ -224,6 +228,11 @@ class SpikeMonitor:
             The events raised at this step (also appended to `self.events`); each carries the
             `action` taken ("log", "skip", "rollback", or "none" when there was nothing to undo).
         """
+        if self._closed:
+            raise RuntimeError(
+                "SpikeMonitor.step after close(): its optimizer hooks are removed, so it can neither see "
+                "optimizer steps nor undo them; build a new SpikeMonitor"
+            )
         _check_loss(loss)
         if _param_layout(self.optimizer) != self._param_layout:
             raise RuntimeError(
@@ -500,7 +509,8 @@ class SpikeMonitor:
             writer.sync()
 
     def close(self) -> None:
-        """Flushes and closes the writers and removes the monitor's optimizer hooks."""
+        """Flushes and closes the writers and removes the monitor's optimizer hooks; `step` then raises."""
+        self._closed = True
         for writer in self._writers:
             writer.close()
         self._writers = []

@@ -62,6 +62,8 @@ class QuantHealth:
         grad: also measure grad-input (needs the backward inside `measure()`).
         monitor: a SpikeMonitor whose writers (JSONL / TensorBoard) and step count to share.
         jsonl, tensorboard: own writers, when no monitor is given.
+        jsonl_mode: for `jsonl`: "x" (a new file; refuses one that holds lines), "w" (replace it) or
+            "a" (append to it).
     """
 
     def __init__(
@@ -75,6 +77,7 @@ class QuantHealth:
         monitor=None,
         jsonl: str | os.PathLike | None = None,
         tensorboard: str | os.PathLike | None = None,
+        jsonl_mode: str = "x",
     ) -> None:
         if every < 1 or rows < 1:
             raise ValueError("every and rows must be >= 1")
@@ -89,7 +92,7 @@ class QuantHealth:
         self.last: dict[str, dict[str, float]] = {}
         self._own_writers = []
         if jsonl is not None:
-            self._own_writers.append(JsonlWriter(jsonl))
+            self._own_writers.append(JsonlWriter(jsonl, mode=jsonl_mode))
         if tensorboard is not None:
             self._own_writers.append(TensorBoardWriter(tensorboard))
 

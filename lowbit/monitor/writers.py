@@ -12,6 +12,10 @@ gradient or optimizer state that step is null. Non-finite numbers are written as
 "nan", "inf" and "-inf". Each line is written with one `write` and flushed, so a crash loses at
 most the line being written and a reader can follow the file while training runs.
 
+Modes: "x" (the default) starts a new file and refuses one that already holds lines, so a new
+run never overwrites an earlier run's log; "w" replaces the file (asked for explicitly); "a" keeps
+its lines and appends.
+
 Resuming: open the file in mode "a" and call `truncate_after(step)` with the restored step (what
 `SpikeMonitor.load_state_dict` does): the lines of later steps, which the resumed run is about to
 write again, are dropped, so the file ends up as an unbroken run's.
@@ -27,7 +31,7 @@ from typing import Any
 
 from lowbit.io import atomic_path
 
-JSONL_MODES = ("w", "a")
+JSONL_MODES = ("x", "w", "a")
 
 
 def to_json_safe(obj: Any) -> Any:
@@ -50,21 +54,29 @@ class JsonlWriter:
 
     Args:
         path: the file to write.
-        mode: "w" truncates the file when opened (a new run); "a" keeps its lines and appends (a
+        mode: "x" starts a new file, refusing one that holds lines (a new run); "w" truncates the
+            file when opened (replacing a run, when asked); "a" keeps its lines and appends (a
             resumed run; see `truncate_after`).
 
     Raises:
-        ValueError: for a mode other than "w" or "a".
+        ValueError: for a mode other than "x", "w" or "a".
+        FileExistsError: in mode "x", if `path` already holds lines.
     """
 
-    def __init__(self, path: str | os.PathLike, *, mode: str = "w") -> None:
+    def __init__(self, path: str | os.PathLike, *, mode: str = "x") -> None:
         if mode not in JSONL_MODES:
             raise ValueError(f"jsonl mode must be one of {JSONL_MODES}, got {mode!r}")
         self.path = os.fspath(path)
         self.mode = mode
         self._parent = os.path.dirname(os.path.abspath(self.path))
+        if mode == "x" and os.path.isfile(self.path) and os.path.getsize(self.path) > 0:
+            raise FileExistsError(
+                f"{self.path} already holds a run's log ({os.path.getsize(self.path)} bytes) and would be "
+                "overwritten: to continue that run pass jsonl_mode='a' (and load_state_dict), to replace it "
+                "jsonl_mode='w', or choose another path"
+            )
         os.makedirs(self._parent, exist_ok=True)
-        self._file = open(self.path, mode, encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._file = open(self.path, "w" if mode == "x" else mode, encoding="utf-8")  # noqa: SIM115 - closed in close()
 
     def truncate_after(self, step: int) -> None:
         """Drops the lines of steps after `step` (and torn lines), then goes on appending.

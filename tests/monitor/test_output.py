@@ -69,3 +69,50 @@ def test_no_history_kept(tmp_path):
     assert mon.history_loss == [] and mon.history_rms.shape == (len(mon.layer_names), 0)
     with pytest.raises(RuntimeError):
         mon.plot(tmp_path / "x.png")
+
+
+def test_a_new_monitor_never_overwrites_an_existing_jsonl(tmp_path):
+    """The default mode ("x") refuses a file that holds lines, saying how to continue or replace it;
+    "w" replaces it only when asked; an empty file (a `touch`) is fine."""
+    path = tmp_path / "monitor.jsonl"
+    old = '{"step": 1, "loss": 1.0, "events": []}\n'
+    path.write_text(old)
+    model = TinyNet()
+    opt = torch.optim.AdamW(model.parameters())
+    with pytest.raises(FileExistsError, match=r"jsonl_mode='a'.*jsonl_mode='w'"):
+        SpikeMonitor(model, opt, jsonl=path)
+    assert path.read_text() == old  # untouched
+    assert not opt._optimizer_step_post_hooks  # the refused monitor left no hook behind
+    with SpikeMonitor(model, opt, jsonl=path, jsonl_mode="w") as mon:
+        mon.step(2.0)
+    assert [r["loss"] for r in read_jsonl(path)] == [2.0]
+    empty = tmp_path / "empty.jsonl"
+    empty.touch()
+    with SpikeMonitor(model, opt, jsonl=empty) as mon:
+        mon.step(3.0)
+    assert [r["loss"] for r in read_jsonl(empty)] == [3.0]
+
+
+def test_quant_health_never_overwrites_an_existing_jsonl(tmp_path):
+    from lowbit.monitor import QuantHealth
+
+    path = tmp_path / "health.jsonl"
+    path.write_text('{"step": 1, "quant_sqnr": {}, "events": []}\n')
+    with pytest.raises(FileExistsError, match="jsonl_mode"):
+        QuantHealth(TinyNet(), jsonl=path)
+    QuantHealth(TinyNet(), jsonl=path, jsonl_mode="a").close()
+    assert len(path.read_text().splitlines()) == 1
+
+
+@pytest.mark.parametrize("action", ["log", "skip", "rollback"])
+def test_step_after_close_is_an_error(action):
+    """After close() the hooks are gone: a step could neither see the optimizer step nor undo it."""
+    model = TinyNet()
+    opt = torch.optim.AdamW(model.parameters())
+    mon = SpikeMonitor(model, opt, action=action)
+    mon.close()
+    mon.close()  # twice is fine
+    ((x, y),) = regression_batches(1)
+    train_step(model, opt, x, y)
+    with pytest.raises(RuntimeError, match=r"after close\(\)"):
+        mon.step(float("nan"))
