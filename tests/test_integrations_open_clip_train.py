@@ -113,6 +113,10 @@ def test_open_clip_train_swaps_uses_stableadamw_monitors_and_resumes(tiny_run: d
         (["--lowbit-precision", "switchback", "--torchscript"], "--torchscript"),
         (["--lowbit-precision", "switchback", "--use-bnb-linear", "SwitchBackLinearGlobal"], "--use-bnb-linear"),
         (["--lowbit-optimizer", "stableadamw", "--opt", "timm/sgd"], "--opt timm/sgd"),
+        # A lowbit flag that would do nothing without the one it modifies is refused, not ignored.
+        (["--lowbit-clip-threshold", "2.0"], "--lowbit-clip-threshold needs --lowbit-optimizer"),
+        (["--lowbit-monitor-action", "skip"], "--lowbit-monitor-action needs --lowbit-monitor"),
+        (["--lowbit-filter", "all", "--lowbit-monitor"], "--lowbit-filter needs --lowbit-precision"),
     ],
 )
 def test_incompatible_flags_are_refused(tiny_run: dict, flags: list[str], message: str, capsys) -> None:

@@ -64,8 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--lowbit-filter",
         choices=sorted(FILTERS),
-        default="default",
-        help="which layers to swap: 'default' (lowbit.swap's default_filter) or 'all'",
+        default=None,
+        help="which layers to swap: 'default' (lowbit.swap's default_filter, the default) or 'all'; "
+        "needs --lowbit-precision",
     )
     parser.add_argument(
         "--lowbit-optimizer",
@@ -73,14 +74,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="replace open_clip's AdamW by lowbit.StableAdamW (same groups, lr schedule)",
     )
-    parser.add_argument("--lowbit-clip-threshold", type=float, default=1.0, help="StableAdamW's clip_threshold")
+    parser.add_argument(
+        "--lowbit-clip-threshold",
+        type=float,
+        default=None,
+        help="StableAdamW's clip_threshold (default 1.0); needs --lowbit-optimizer",
+    )
     parser.add_argument(
         "--lowbit-monitor",
         action="store_true",
         help=f"run lowbit.SpikeMonitor; JSONL and plot in open_clip's log folder ({MONITOR_JSONL})",
     )
     parser.add_argument(
-        "--lowbit-monitor-action", choices=ACTIONS, default="log", help="what the monitor does on a loss spike"
+        "--lowbit-monitor-action",
+        choices=ACTIONS,
+        default=None,
+        help="what the monitor does on a loss spike (default 'log'); needs --lowbit-monitor",
     )
     return parser
 
@@ -98,7 +107,18 @@ def refusals(options: argparse.Namespace, open_clip_args: argparse.Namespace) ->
         problems.append(f"--lowbit-optimizer replaces open_clip's AdamW, but --opt {opt} was given")
     if options.lowbit_monitor and open_clip_args.horovod:
         problems.append("--lowbit-monitor does not support --horovod (use torchrun)")
+    # A flag that modifies another one would otherwise be accepted and do nothing.
+    for flag, value, needs, needed in (
+        ("--lowbit-filter", options.lowbit_filter, "--lowbit-precision", options.lowbit_precision),
+        ("--lowbit-clip-threshold", options.lowbit_clip_threshold, "--lowbit-optimizer", options.lowbit_optimizer),
+        ("--lowbit-monitor-action", options.lowbit_monitor_action, "--lowbit-monitor", options.lowbit_monitor),
+    ):
+        if value is not None and not needed:
+            problems.append(f"{flag} needs {needs}, without which it would do nothing")
     return problems
+
+
+_DEFAULTS = {"lowbit_filter": "default", "lowbit_clip_threshold": 1.0, "lowbit_monitor_action": "log"}
 
 
 def main(argv: list[str]) -> int | None:
@@ -109,6 +129,9 @@ def main(argv: list[str]) -> int | None:
     problems = refusals(options, parse_args(list(rest)))
     if problems:
         parser.error("; ".join(problems))  # exits with status 2
+    for name, default in _DEFAULTS.items():  # None above tells "not given" from "given as the default"
+        if getattr(options, name) is None:
+            setattr(options, name, default)
     run = _Run(options)
     with run.patched():
         return run.open_clip_main(rest)
