@@ -104,3 +104,28 @@ class _Probe(transformers.TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.seen.append(self.callback.monitor.step_count)
+
+
+def test_a_monitor_at_another_step_than_the_trainer_is_refused(tmp_path: Path) -> None:
+    """The monitor counts the Trainer's optimizer steps: resuming the Trainer without the monitor's
+    state (or with another checkpoint's) would renumber the JSONL's steps, so it is an error that names
+    the checkpoint to pass, raised before the JSONL is touched."""
+    trainer = _trainer(_model(), tmp_path / "out")
+    jsonl = tmp_path / "monitor.jsonl"
+    add_spike_monitor(trainer, jsonl=jsonl)
+    trainer.train()
+    written = jsonl.read_bytes()
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+
+    forgot = _trainer(_model(), tmp_path / "out")
+    add_spike_monitor(forgot, jsonl=jsonl)  # no resume_from
+    refused = r"Trainer resumes at step 2.*SpikeMonitor at step 0.*resume_from=.*checkpoint-2"
+    with pytest.raises(ValueError, match=refused):
+        forgot.train(resume_from_checkpoint=str(checkpoint))
+    assert jsonl.read_bytes() == written
+
+    other = _trainer(_model(), tmp_path / "out")
+    add_spike_monitor(other, jsonl=jsonl, resume_from=tmp_path / "out" / "checkpoint-4")
+    with pytest.raises(ValueError, match=r"Trainer resumes at step 2.*SpikeMonitor at step 4"):
+        other.train(resume_from_checkpoint=str(checkpoint))
+    assert jsonl.read_bytes() == written

@@ -59,9 +59,9 @@ class SpikeMonitorCallback(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.monitor is None:
-            self.monitor = self._build(model, optimizer)
+            self.monitor = self._build(model, optimizer, state.global_step, args.output_dir)
 
-    def _build(self, model, optimizer) -> lowbit.SpikeMonitor:
+    def _build(self, model, optimizer, global_step: int = 0, output_dir: str | None = None) -> lowbit.SpikeMonitor:
         state = None
         if self.resume_from is not None:
             path = self.resume_from / STATE_FILE
@@ -69,6 +69,16 @@ class SpikeMonitorCallback(TrainerCallback):
                 state = torch.load(path, map_location="cpu", weights_only=True)
             else:
                 logger.warning(f"lowbit: {path} not found; the SpikeMonitor starts afresh")
+        # The monitor counts the Trainer's optimizer steps (checkpoint-N holds its state at step N), so a
+        # Trainer resumed at another step than the monitor's state would renumber the JSONL's steps.
+        monitor_step = int(state["step_count"]) if state is not None else 0
+        if monitor_step != global_step:
+            where = os.path.join(output_dir or "", f"{PREFIX_CHECKPOINT_DIR}-{global_step}")
+            raise ValueError(
+                f"lowbit: the Trainer resumes at step {global_step} but the SpikeMonitor at step {monitor_step} "
+                f"(resume_from={self.resume_from}); pass add_spike_monitor(..., resume_from={where!r}), the "
+                "checkpoint the Trainer resumes from"
+            )
         kwargs = dict(self.monitor_kwargs)
         if state is not None:
             kwargs["jsonl_mode"] = "a"
