@@ -77,6 +77,9 @@ class JsonlWriter:
             )
         os.makedirs(self._parent, exist_ok=True)
         self._file = open(self.path, "w" if mode == "x" else mode, encoding="utf-8")  # noqa: SIM115 - closed in close()
+        if mode == "a" and not _ends_a_line(self.path):
+            self._file.write("\n")  # a torn last line (a crash mid-write) stays torn; the next starts anew
+            self._file.flush()
 
     def truncate_after(self, step: int) -> None:
         """Drops the lines of steps after `step` (and torn lines), then goes on appending.
@@ -134,6 +137,15 @@ class JsonlWriter:
             except OSError:
                 pass
             self._file = None
+
+
+def _ends_a_line(path: str) -> bool:
+    """Whether the file is empty or ends with a newline."""
+    with open(path, "rb") as f:
+        if f.seek(0, os.SEEK_END) == 0:
+            return True
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

@@ -172,3 +172,16 @@ def test_tensorboard_reopened_with_purge_step(tmp_path):
     mon.step(1.0)
     mon.close()
     assert mon.step_count == 4 and len(list((tmp_path / "tb").glob("events.out.tfevents.*"))) >= 2
+
+
+def test_append_after_a_torn_last_line_keeps_the_new_line(tmp_path):
+    """Mode "a" without load_state_dict (e.g. QuantHealth's own JSONL) after a crash mid-line: the new
+    line starts on a line of its own instead of being glued onto the torn one (and lost with it)."""
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"step": 1, "loss": 1.0, "events": []}\n{"step": 2, "lo')
+    model, opt, _ = _make(None)
+    with SpikeMonitor(model, opt, jsonl=path, jsonl_mode="a") as mon:
+        mon.step(5.0)
+    from lowbit.monitor import read_jsonl
+
+    assert [(r["step"], r["loss"]) for r in read_jsonl(path)] == [(1, 1.0), (1, 5.0)]
