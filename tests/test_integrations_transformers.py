@@ -129,3 +129,41 @@ def test_a_monitor_at_another_step_than_the_trainer_is_refused(tmp_path: Path) -
     with pytest.raises(ValueError, match=r"Trainer resumes at step 2.*SpikeMonitor at step 4"):
         other.train(resume_from_checkpoint=str(checkpoint))
     assert jsonl.read_bytes() == written
+
+
+def _two_ranks(rank: int, world: int, out: str) -> None:
+    """One rank's callback, driven as the Trainer drives it, with a loss spike on rank 1 only."""
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    jsonl = Path(out) / "monitor.jsonl"
+    callback = SpikeMonitorCallback(jsonl=jsonl, action="skip")
+    actions = []
+    for step in range(1, 16):
+        state = SimpleNamespace(global_step=step - 1, is_world_process_zero=rank == 0)
+        args = SimpleNamespace(output_dir=out)
+        model(torch.ones(3, 4)).sum().backward()  # the same (all-reduced) gradients on every rank
+        callback.record_loss(torch.tensor(100.0 if (step == 14 and rank == 1) else 1.0))
+        callback.on_pre_optimizer_step(args, state, None, model=model, optimizer=optimizer)
+        optimizer.step()
+        callback.on_optimizer_step(args, state, None)
+        optimizer.zero_grad()
+        actions.append([e["action"] for e in callback.monitor.events if e["step"] == step])
+    torch.save({"actions": actions, "weight": model.weight.detach()}, Path(out) / f"rank{rank}.pt")
+    callback.on_train_end(args, state, None)
+
+
+def test_ranks_judge_the_same_loss_and_only_rank_zero_writes(tmp_path: Path) -> None:
+    """Under DDP every rank's monitor must take the same action (a skip on one rank only would leave
+    the replicas apart), so the loss is averaged over the ranks, as the Trainer logs it; and the ranks
+    must not all write the one JSONL."""
+    from tests.gloo import spawn_on_gloo
+
+    spawn_on_gloo(_two_ranks, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert ranks[0]["actions"] == ranks[1]["actions"]
+    assert ranks[0]["actions"][13] == ["skip"]  # the mean loss (50.5) spikes at step 14
+    assert torch.equal(ranks[0]["weight"], ranks[1]["weight"])
+    assert _steps(tmp_path / "monitor.jsonl") == list(range(1, 16))

@@ -8,7 +8,9 @@ The Trainer calls `optimizer.step()` and then `model.zero_grad()`, with the call
 `on_optimizer_step` between them: the monitor steps there, while the step's gradients are still
 there. Callbacks are not given the loss, so `add_spike_monitor` also wraps this trainer object's
 `training_step` (the instance, not the class) to hand each micro-batch's loss to the callback; the
-monitor judges their sum over the step, the quantity the Trainer itself adds up and logs.
+monitor judges their sum over the step, the quantity the Trainer itself adds up and logs (under
+torch.distributed, its mean over the ranks, so every rank takes the same action; only the world's
+process zero writes the JSONL, TensorBoard and plot).
 
 The monitor is built at the first `on_pre_optimizer_step`, once the Trainer has built (or, on
 resume, loaded) the optimizer. At every checkpoint its state goes to `checkpoint-N/lowbit_monitor.pt`;
@@ -51,6 +53,7 @@ class SpikeMonitorCallback(TrainerCallback):
         self.monitor_kwargs = monitor_kwargs
         self.monitor: lowbit.SpikeMonitor | None = None
         self.step_loss: torch.Tensor | None = None
+        self.is_main = True  # the world's process zero, which writes the logs (set at the first step)
 
     def record_loss(self, loss: torch.Tensor) -> None:
         """Called with each micro-batch's loss (add_spike_monitor arranges it)."""
@@ -59,6 +62,7 @@ class SpikeMonitorCallback(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, model=None, optimizer=None, **kwargs):
         if self.monitor is None:
+            self.is_main = state.is_world_process_zero
             self.monitor = self._build(model, optimizer, state.global_step, args.output_dir)
 
     def _build(self, model, optimizer, global_step: int = 0, output_dir: str | None = None) -> lowbit.SpikeMonitor:
@@ -80,6 +84,9 @@ class SpikeMonitorCallback(TrainerCallback):
                 "checkpoint the Trainer resumes from"
             )
         kwargs = dict(self.monitor_kwargs)
+        if not self.is_main:  # one process writes the JSONL and TensorBoard logs; every rank judges the same
+            kwargs.pop("jsonl", None)
+            kwargs.pop("tensorboard", None)
         if state is not None:
             kwargs["jsonl_mode"] = "a"
         optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps it
@@ -97,6 +104,12 @@ class SpikeMonitorCallback(TrainerCallback):
             )
             return
         loss, self.step_loss = self.step_loss, None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Every rank judges the mean loss, so all take the same action: a "skip" or "rollback" on
+            # one rank only would leave the replicas apart.
+            loss = loss.detach().clone()
+            torch.distributed.all_reduce(loss)
+            loss /= torch.distributed.get_world_size()
         for event in self.monitor.step(loss):
             logger.warning(
                 f"lowbit: SpikeMonitor {event['kind']} at step {event['step']} "
@@ -114,7 +127,7 @@ class SpikeMonitorCallback(TrainerCallback):
     def on_train_end(self, args, state, control, **kwargs):
         if self.monitor is None:
             return
-        if self.plot_path is not None:
+        if self.plot_path is not None and self.is_main:
             try:
                 self.monitor.plot(self.plot_path)
             except ImportError as error:
