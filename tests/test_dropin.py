@@ -211,6 +211,35 @@ def test_torch_func_grad_vmap_and_jacrev(name):
     assert sqnr_db(ref_layer.weight, jac) >= floor  # d(out)/d(x) of a linear is its weight
 
 
+@pytest.mark.parametrize("grad_weight", ["high", "int8"])
+def test_torch_func_weight_gradients_of_memeff_on_the_triton_backend(grad_weight):
+    """switchback-memeff's weight gradient reads its int8 x back (dequantized in a Triton GEMM, or by a
+    Triton kernel for the int8 GEMM); under torch.func those saved tensors are transform wrappers,
+    which no Triton kernel can read: grad and vmap(grad) with respect to the parameters must still
+    give nn.Linear's answer (x needs no gradient, so nothing asks for a derivative of int8 x)."""
+    from tests.kernels._utils import DEVICE
+
+    layer = SwitchBackLinear(40, 24, mem_efficient=True, grad_weight=grad_weight, device=DEVICE)
+    ref_layer = nn.Linear(40, 24).double()
+    ref_layer.load_state_dict({k: v.cpu() for k, v in layer.state_dict().items()})
+    x = torch.randn(7, 40)
+
+    def loss(module, params, x):
+        return functional_call(module, params, (x,)).square().sum()
+
+    params, ref_params = dict(layer.named_parameters()), dict(ref_layer.named_parameters())
+    floor = FLOOR_DB["switchback-memeff"] - 8
+    with lowbit.use_backend("triton"):
+        got = grad(loss, argnums=1)(layer, params, x.to(DEVICE))
+        per_sample = vmap(grad(loss, argnums=1), in_dims=(None, None, 0))(layer, params, x[:, None].to(DEVICE))
+    ref = grad(loss, argnums=1)(ref_layer, ref_params, x.double())
+    per_sample_ref = vmap(grad(loss, argnums=1), in_dims=(None, None, 0))(ref_layer, ref_params, x[:, None].double())
+    for k in ref:
+        assert sqnr_db(ref[k], got[k].cpu()) >= floor, k
+        assert per_sample[k].shape == per_sample_ref[k].shape
+        assert sqnr_db(per_sample_ref[k], per_sample[k].cpu()) >= floor, k
+
+
 def test_ensemble_with_stack_module_state_and_vmap():
     members = [SwitchBackLinear(12, 6) for _ in range(3)]
     params, buffers = stack_module_state(members)
