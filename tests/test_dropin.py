@@ -178,6 +178,30 @@ def test_double_backward_without_the_input_raises_at_the_first_backward(name):
         torch.autograd.grad(layer(x).square().sum(), [x, layer.weight], create_graph=True)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_memeff_weight_gradient_is_differentiable_in_g(backend):
+    """Where x needs no gradient, switchback-memeff's weight gradient g.T @ dequantized(x) has an exact
+    derivative in g, and a penalty on it (meta-learning, gradient penalties on parameters) must reach
+    the layers after it. The Triton GEMM's output carries no graph: it must not be the one taken then."""
+    from tests.kernels._utils import DEVICE
+
+    def penalty_grad(first, second, x):
+        loss = second(first(x)).square().sum()
+        (gw,) = torch.autograd.grad(loss, first.weight, create_graph=True)
+        return torch.autograd.grad(gw.square().sum(), second.weight)[0]
+
+    layer = SwitchBackLinear(40, 24, mem_efficient=True, device=DEVICE)
+    after = nn.Linear(24, 8, device=DEVICE)
+    ref_layer, ref_after = nn.Linear(40, 24).double(), nn.Linear(24, 8).double()
+    ref_layer.load_state_dict({k: v.cpu() for k, v in layer.state_dict().items()})
+    ref_after.load_state_dict({k: v.cpu() for k, v in after.state_dict().items()})
+    x = torch.randn(9, 40)
+    with lowbit.use_backend(backend):
+        got = penalty_grad(layer, after, x.to(DEVICE))
+    ref = penalty_grad(ref_layer, ref_after, x.double())
+    assert sqnr_db(ref, got.cpu()) >= 25
+
+
 # --- torch.func --------------------------------------------------------------------------------
 
 

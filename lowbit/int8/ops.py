@@ -194,7 +194,10 @@ def mm_dequantized(a: torch.Tensor, q: torch.Tensor, absmax: torch.Tensor) -> to
         raise ValueError(f"mm_dequantized: cannot multiply {tuple(a.shape)} by int8 {tuple(q.shape)}")
     if a.device != q.device:
         raise ValueError(f"mm_dequantized: a on {a.device} but q on {q.device}")
-    if a.dtype in FLOAT_DTYPES and use_triton(a) and _triton_reads(a, q, absmax):
+    # The kernel's output carries no autograd graph: where a gradient of a is being recorded (a
+    # backward under create_graph differentiating mem-efficient's weight gradient in g), the twin.
+    differentiable = torch.is_grad_enabled() and a.requires_grad
+    if a.dtype in FLOAT_DTYPES and use_triton(a) and _triton_reads(a, q, absmax) and not differentiable:
         return _kernels().launch_mm_dequant_rows(a, q, absmax)
     return a.mm(_dequantize_rowwise_torch(q, absmax, a.dtype))
 
