@@ -178,6 +178,30 @@ def test_double_backward_without_the_input_raises_at_the_first_backward(name):
         torch.autograd.grad(layer(x).square().sum(), [x, layer.weight], create_graph=True)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_memeff_weight_gradient_is_differentiable_in_g(backend):
+    """Where x needs no gradient, switchback-memeff's weight gradient g.T @ dequantized(x) has an exact
+    derivative in g, and a penalty on it (meta-learning, gradient penalties on parameters) must reach
+    the layers after it. The Triton GEMM's output carries no graph: it must not be the one taken then."""
+    from tests.kernels._utils import DEVICE
+
+    def penalty_grad(first, second, x):
+        loss = second(first(x)).square().sum()
+        (gw,) = torch.autograd.grad(loss, first.weight, create_graph=True)
+        return torch.autograd.grad(gw.square().sum(), second.weight)[0]
+
+    layer = SwitchBackLinear(40, 24, mem_efficient=True, device=DEVICE)
+    after = nn.Linear(24, 8, device=DEVICE)
+    ref_layer, ref_after = nn.Linear(40, 24).double(), nn.Linear(24, 8).double()
+    ref_layer.load_state_dict({k: v.cpu() for k, v in layer.state_dict().items()})
+    ref_after.load_state_dict({k: v.cpu() for k, v in after.state_dict().items()})
+    x = torch.randn(9, 40)
+    with lowbit.use_backend(backend):
+        got = penalty_grad(layer, after, x.to(DEVICE))
+    ref = penalty_grad(ref_layer, ref_after, x.double())
+    assert sqnr_db(ref, got.cpu()) >= 25
+
+
 # --- torch.func --------------------------------------------------------------------------------
 
 
@@ -209,6 +233,35 @@ def test_torch_func_grad_vmap_and_jacrev(name):
     jac = jacrev(layer)(x[0])
     assert jac.shape == (6, 12)
     assert sqnr_db(ref_layer.weight, jac) >= floor  # d(out)/d(x) of a linear is its weight
+
+
+@pytest.mark.parametrize("grad_weight", ["high", "int8"])
+def test_torch_func_weight_gradients_of_memeff_on_the_triton_backend(grad_weight):
+    """switchback-memeff's weight gradient reads its int8 x back (dequantized in a Triton GEMM, or by a
+    Triton kernel for the int8 GEMM); under torch.func those saved tensors are transform wrappers,
+    which no Triton kernel can read: grad and vmap(grad) with respect to the parameters must still
+    give nn.Linear's answer (x needs no gradient, so nothing asks for a derivative of int8 x)."""
+    from tests.kernels._utils import DEVICE
+
+    layer = SwitchBackLinear(40, 24, mem_efficient=True, grad_weight=grad_weight, device=DEVICE)
+    ref_layer = nn.Linear(40, 24).double()
+    ref_layer.load_state_dict({k: v.cpu() for k, v in layer.state_dict().items()})
+    x = torch.randn(7, 40)
+
+    def loss(module, params, x):
+        return functional_call(module, params, (x,)).square().sum()
+
+    params, ref_params = dict(layer.named_parameters()), dict(ref_layer.named_parameters())
+    floor = FLOOR_DB["switchback-memeff"] - 8
+    with lowbit.use_backend("triton"):
+        got = grad(loss, argnums=1)(layer, params, x.to(DEVICE))
+        per_sample = vmap(grad(loss, argnums=1), in_dims=(None, None, 0))(layer, params, x[:, None].to(DEVICE))
+    ref = grad(loss, argnums=1)(ref_layer, ref_params, x.double())
+    per_sample_ref = vmap(grad(loss, argnums=1), in_dims=(None, None, 0))(ref_layer, ref_params, x[:, None].double())
+    for k in ref:
+        assert sqnr_db(ref[k], got[k].cpu()) >= floor, k
+        assert per_sample[k].shape == per_sample_ref[k].shape
+        assert sqnr_db(per_sample_ref[k], per_sample[k].cpu()) >= floor, k
 
 
 def test_ensemble_with_stack_module_state_and_vmap():

@@ -468,3 +468,25 @@ def test_closure_returns_loss():
 
     loss = opt.step(closure)
     assert loss.item() > 0 and opt.state[p]["step"].item() == 1
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_zero_gradient_entries_stay_finite_at_the_smallest_eps(foreach):
+    """RMS floors u at eps^2: an entry whose gradient (and so u) is 0 adds 0 / eps^2 = 0. The state is
+    fp32, so an eps whose square is not a normal fp32 number must be refused (its floor would round to
+    0 and 0 / 0 would turn every parameter NaN); the smallest one accepted gives the fp64 rule."""
+    with pytest.raises(ValueError, match="eps"):
+        StableAdamW([nn.Parameter(torch.ones(3))], eps=1e-25)
+    eps = 2.0**-63  # eps^2 = 2**-126, the smallest normal fp32 number
+    p = nn.Parameter(torch.linspace(-1.0, 1.0, 40))
+    opt = StableAdamW([p], lr=1e-2, eps=eps, foreach=foreach)
+    ref, theta = RefStableAdamW(), p.detach().double().clone()
+    for step in range(3):
+        p.grad = torch.zeros(40)
+        p.grad[: 5 + step] = torch.randn(5 + step)
+        theta, rms, _ = ref.step(p, theta, p.grad, lr=1e-2, betas=(0.9, 0.99), eps=eps, weight_decay=0.0,
+                                 clip_threshold=1.0)
+        opt.step()
+        assert math.isfinite(opt.state[p]["rms"].item())
+        assert abs(opt.state[p]["rms"].item() - rms) <= 1e-5 * rms
+        assert rel_err(p.detach(), theta) <= 1e-6

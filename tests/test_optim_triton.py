@@ -160,3 +160,25 @@ def test_forced_triton_backend_leaves_cpu_parameters_to_foreach(triton_steps, mo
     with lowbit.use_backend("triton"):
         StableAdamW([p], lr=1e-2, foreach=True).step()
     assert triton_steps == [] and not torch.equal(p.detach(), before)
+
+
+@pytest.mark.parametrize("name", ["weight_decay", "eps"])
+def test_tensor_hyperparameters_get_the_foreach_answer(name, triton_steps):
+    """weight_decay / eps given as 0-dim tensors (accepted, unlike lr) must give what the foreach ops
+    give, not a kernel compile error (the kernel takes them as fp32 scalars)."""
+    torch.manual_seed(2)
+    value = {"weight_decay": 0.1, "eps": 1e-6}[name]
+    a = [torch.nn.Parameter(torch.randn(37, 5, device=DEVICE)), torch.nn.Parameter(torch.randn(300, device=DEVICE))]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    opt_a = StableAdamW(a, lr=1e-2, foreach=True, **{name: value})
+    opt_b = StableAdamW(b, lr=1e-2, foreach=True, **{name: torch.tensor(value)})
+    for _ in range(3):
+        for x, y in zip(a, b):
+            x.grad = torch.randn_like(x)
+            y.grad = x.grad.clone()
+        with lowbit.use_backend("torch"):
+            opt_a.step()
+        with lowbit.use_backend("triton"):
+            opt_b.step()
+    for x, y in zip(a, b):
+        assert rel_err(y.detach(), x.detach()) <= 1e-6

@@ -47,6 +47,18 @@ def _kernels():
     return kernels
 
 
+def _triton_reads(*tensors: torch.Tensor) -> bool:
+    """Whether the Triton kernels can read these tensors' memory: not torch.func wrappers (grad's
+    tracked, vmap's batched tensors, as a backward under a transform sees its saved tensors), which
+    have no storage; those take the torch twin, which the transforms know how to run.
+
+    Under torch.compile the traced graph holds no such wrappers.
+    """
+    return torch.compiler.is_compiling() or not any(
+        torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors
+    )
+
+
 def _scale_inverse(absmax: torch.Tensor) -> torch.Tensor:
     """127 * (1 / absmax) where absmax is positive and finite, else 0 (so q = 0 there, never NaN).
 
@@ -163,7 +175,7 @@ def dequantize_rowwise(q: torch.Tensor, absmax: torch.Tensor, dtype: torch.dtype
     _check_int8_rows(q, absmax, "dequantize_rowwise")
     if dtype not in LINEAR_DTYPES:
         raise TypeError(f"dequantize_rowwise: dtype must be float16, bfloat16, float32 or float64, got {dtype}")
-    if use_triton(q):
+    if use_triton(q) and _triton_reads(q, absmax):
         return _kernels().launch_dequantize_rowwise(q, absmax, dtype)
     return _dequantize_rowwise_torch(q, absmax, dtype)
 
@@ -182,7 +194,10 @@ def mm_dequantized(a: torch.Tensor, q: torch.Tensor, absmax: torch.Tensor) -> to
         raise ValueError(f"mm_dequantized: cannot multiply {tuple(a.shape)} by int8 {tuple(q.shape)}")
     if a.device != q.device:
         raise ValueError(f"mm_dequantized: a on {a.device} but q on {q.device}")
-    if a.dtype in FLOAT_DTYPES and use_triton(a):
+    # The kernel's output carries no autograd graph: where a gradient of a is being recorded (a
+    # backward under create_graph differentiating mem-efficient's weight gradient in g), the twin.
+    differentiable = torch.is_grad_enabled() and a.requires_grad
+    if a.dtype in FLOAT_DTYPES and use_triton(a) and _triton_reads(a, q, absmax) and not differentiable:
         return _kernels().launch_mm_dequant_rows(a, q, absmax)
     return a.mm(_dequantize_rowwise_torch(q, absmax, a.dtype))
 

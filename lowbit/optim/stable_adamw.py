@@ -60,7 +60,8 @@ class StableAdamW(torch.optim.Optimizer):
         params: parameters or dicts defining parameter groups.
         lr: learning rate, >= 0.
         betas: (b1, b2), each in [0, 1).
-        eps: > 0; added to sqrt(u) and, squared, the floor of u in the RMS.
+        eps: >= 2**-63 (about 1.08e-19, so that eps^2 is a normal fp32 number); added to sqrt(u) and,
+            squared, the floor of u in the RMS.
         weight_decay: decoupled weight decay, >= 0 (multiplied by eta, i.e. by lr).
         clip_threshold: RMS above which the step size is scaled down, > 0.
         foreach: True / False for the foreach / per-tensor implementation; None picks foreach
@@ -207,12 +208,21 @@ def _check_hyperparameters(group: dict[str, Any]) -> None:
             raise ValueError(f"betas[{i}] must be in [0, 1), got {beta!r}")
     if not 0.0 < eps < float("inf"):
         raise ValueError(f"eps must be > 0, got {eps!r}")
+    if eps * eps < _MIN_EPS_SQ:  # the fp32 floor of u would round to 0, and 0 / 0 is NaN
+        raise ValueError(
+            f"eps must be >= 2**-63 (about 1.08e-19), so that eps^2, the floor of u in the RMS, is a "
+            f"normal fp32 number; got {eps!r}"
+        )
     if not 0.0 <= group["weight_decay"] < float("inf"):
         raise ValueError(f"weight_decay must be >= 0, got {group['weight_decay']!r}")
     if not 0.0 < group["clip_threshold"] < float("inf"):
         raise ValueError(f"clip_threshold must be > 0, got {group['clip_threshold']!r}")
     if group["foreach"] not in (None, True, False):
         raise ValueError(f"foreach must be None, True or False, got {group['foreach']!r}")
+
+
+# eps^2 floors u in fp32: below the smallest normal fp32 number it would round towards 0.
+_MIN_EPS_SQ = torch.finfo(torch.float32).tiny
 
 
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -325,7 +335,8 @@ def _foreach_stable_adamw(
         # b_hat = b (1 - b^(t-1)) / (1 - b^t), per tensor (a tensor may have skipped steps)
         beta1_hats = [_folded_beta(beta1, t) for t in ts]
         beta2_hats = [_folded_beta(beta2, t) for t in ts]
-        if _triton_step_applies(b_params, b_grads, b_exp_avgs, b_exp_avg_sqs):
+        scalars = (eps, weight_decay, clip_threshold)
+        if _triton_step_applies(b_params, b_grads, b_exp_avgs, b_exp_avg_sqs, scalars):
             _triton_step(b_params, b_grads, b_exp_avgs, b_exp_avg_sqs, b_rmss, beta1_hats, beta2_hats,
                          layouts if layouts is not None else {}, lr=lr, eps=eps, weight_decay=weight_decay,
                          clip_threshold=clip_threshold)
@@ -367,14 +378,17 @@ def _foreach_stable_adamw(
             torch._foreach_copy_(b_params, params_hp)
 
 
-def _triton_step_applies(params, grads, exp_avgs, exp_avg_sqs) -> bool:
+def _triton_step_applies(params, grads, exp_avgs, exp_avg_sqs, scalars=()) -> bool:
     """Whether lowbit's backend picks its Triton kernels for these tensors and the kernel takes them.
 
     The kernel walks raw addresses by each parameter's size, so every tensor must be what it assumes:
     fp32 / bf16 / fp16 parameters, each once; gradients of their shape and dtype; fp32 state of their
     shape (a state dict loaded for other parameters may not be); all contiguous, on one device, no
-    DTensors. Anything else gets the foreach ops, and their errors.
+    DTensors; hyperparameters the kernels take as fp32 scalars Python numbers (not 0-dim tensors).
+    Anything else gets the foreach ops, and their errors.
     """
+    if any(isinstance(s, Tensor) for s in scalars):
+        return False
     first = params[0]
     if first.dtype not in FLOAT_DTYPES or torch.compiler.is_compiling():
         return False  # (traced by torch.compile: the foreach ops, which it knows how to compile)
