@@ -28,6 +28,36 @@ def _interpreting() -> bool:
 # Fixed at import, as triton.jit fixes it: kernels run on numpy (CPU tensors) when set.
 INTERPRET = _interpreting()
 
+
+def _shim_interpreter_index() -> None:
+    """Triton <= 3.6's interpreter turns a scalar into an int with int(data) on its 1-element array,
+    which numpy >= 2.4 refuses (TypeError: only 0-dimensional arrays ...), so range(0, K, ...) over a
+    kernel argument fails; triton 3.8 squeezes first. Wrap its tensor patch to do the same."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    patch = getattr(interpreter, "_patch_lang_tensor", None)
+    if patch is None or getattr(patch, "_lowbit_squeeze", False):
+        return
+
+    def _patch_lang_tensor(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(())))
+
+    _patch_lang_tensor._lowbit_squeeze = True
+    interpreter._patch_lang_tensor = _patch_lang_tensor
+
+
+def _triton_version() -> tuple[int, int]:
+    try:
+        return tuple(int(p) for p in triton.__version__.split(".")[:2])
+    except ValueError:
+        return (99, 0)
+
+
+if INTERPRET and _triton_version() < (3, 8):
+    _shim_interpreter_index()
+
 # fp32 multiply-add contraction would let a later add absorb an unrounded product; every kernel is
 # launched with it off so each fp32 op rounds exactly as its torch twin's does.
 LAUNCH_OPTIONS = {"enable_fp_fusion": False}

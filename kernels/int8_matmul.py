@@ -125,7 +125,8 @@ def _int8_matmul_dequant_kernel(
             # Zero padding past K adds nothing to the int32 sum.
             a = tl.load(a_ptrs, mask=offs_k[None, :] < K - k0, other=0)
             b = tl.load(b_ptrs, mask=offs_k[:, None] < K - k0, other=0)
-        acc = tl.dot(a, b, acc)  # int8 x int8 -> exact int32 (K <= MAX_INNER_DIM)
+        # out_dtype: triton <= 3.6 defaults it to fp32 even with an int32 acc (3.8 takes acc's dtype).
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)  # int8 x int8 -> exact int32 (K <= MAX_INNER_DIM)
         a_ptrs += BLOCK_SIZE_K * stride_ak
         b_ptrs += BLOCK_SIZE_K * stride_bk
 

@@ -48,8 +48,13 @@ def use_backend(name: str) -> Iterator[None]:
         _override = previous
 
 
+# Looked up once: torch 2.11's dynamo refuses to trace importlib.util.find_spec (a graph break, an error
+# under fullgraph=True) and 2.14's does not; whether triton is installed does not change in a process.
+_TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_AVAILABLE
 
 
 def triton_can_run(x: torch.Tensor) -> bool:

@@ -103,12 +103,24 @@ def vmap_each_member(info, in_dims, apply, input, weight, bias, *args):
     return torch.stack(outs), 0
 
 
+# torch 2.11's dynamo cannot trace torch.amp.is_autocast_available (torch._C._is_autocast_available is
+# skipped: a graph break, an error under fullgraph); 2.14's can. So ask once per device type, eagerly.
+_AUTOCAST_AVAILABLE = {d: torch.amp.is_autocast_available(d) for d in ("cpu", "cuda", "meta")}
+
+
+def autocast_available(device_type: str) -> bool:
+    """torch.amp.is_autocast_available(device_type), cached (compiled code reads the cache)."""
+    if device_type not in _AUTOCAST_AVAILABLE:
+        _AUTOCAST_AVAILABLE[device_type] = torch.amp.is_autocast_available(device_type)
+    return _AUTOCAST_AVAILABLE[device_type]
+
+
 def autocast_linear_inputs(
     input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Cast to the autocast dtype when autocast is on for the input's device, as F.linear would be."""
     device_type = input.device.type
-    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+    if not autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return input, weight, bias
     dtype = torch.get_autocast_dtype(device_type)
     return input.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype)
@@ -166,7 +178,7 @@ def matmul_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def autocast_off(device_type: str):
     """A context with autocast off for `device_type` (a no-op where autocast does not exist)."""
-    if torch.amp.is_autocast_available(device_type):
+    if autocast_available(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 

@@ -173,14 +173,22 @@ def _cuda_capability(index: int) -> tuple[int, int]:
 
 
 @functools.cache
-def _cpu_scaled_mm_works() -> bool:
+def _cpu_scaled_mm_missing() -> str | None:
+    """None where the CPU _scaled_mm takes both scalings lowbit uses, else what it lacks."""
+    a = torch.zeros(16, 16, dtype=E4M3)
+    one = torch.ones((), dtype=torch.float32)
     try:
-        a = torch.zeros(16, 16, dtype=E4M3)
-        one = torch.ones((), dtype=torch.float32)
         torch._scaled_mm(a, a.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
     except (RuntimeError, NotImplementedError, AttributeError):
-        return False
-    return True
+        return "this torch build has no CPU torch._scaled_mm"
+    # torch 2.11's CPU _scaled_mm is per-tensor only (an internal assert on row-wise scales); 2.14's
+    # takes row-wise ones too. The switchback recipe needs them, so without them the CPU has no real fp8.
+    rows = torch.ones(16, 1, dtype=torch.float32)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=rows, scale_b=rows.t().contiguous(), out_dtype=torch.bfloat16)
+    except (RuntimeError, NotImplementedError):
+        return f"torch {torch.__version__}'s CPU torch._scaled_mm has no row-wise scaling"
+    return None
 
 
 def fp8_matmul_unavailable_reason(device: torch.device | str) -> str | None:
@@ -201,7 +209,7 @@ def fp8_matmul_unavailable_reason(device: torch.device | str) -> str | None:
             )
         return None
     if device.type == "cpu":
-        return None if _cpu_scaled_mm_works() else "this torch build has no CPU torch._scaled_mm"
+        return _cpu_scaled_mm_missing()
     return f"torch has no fp8 matmul on {device.type} devices"
 
 

@@ -15,6 +15,10 @@ try:  # FSDP2 shards parameters as DTensors; torch.distributed may be missing fr
 except ImportError:  # pragma: no cover
     DTensor = Replicate = None
 
+# torch 2.11's DTensor has no sharding rule for _foreach_lerp_.ScalarList or _foreach_clamp_min.Scalar
+# (NotImplementedError); 2.14's has both. Before 2.14 (versions between untested), DTensors take equal ops.
+_DTENSOR_FOREACH_GAPS = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) < (2, 14)
+
 __all__ = ["StableAdamW"]
 
 
@@ -347,13 +351,13 @@ def _foreach_stable_adamw(
         params_hp = _copies(b_params, b_exp_avgs[0].dtype) if needs_copy else b_params
 
         # v = b1_hat v + (1 - b1_hat) g
-        torch._foreach_lerp_(b_exp_avgs, grads_hp, [1.0 - b for b in beta1_hats])
+        _foreach_lerp_(b_exp_avgs, grads_hp, [1.0 - b for b in beta1_hats])
         # u = b2_hat u + (1 - b2_hat) g^2
         torch._foreach_mul_(b_exp_avg_sqs, beta2_hats)
         torch._foreach_addcmul_(b_exp_avg_sqs, grads_hp, grads_hp, [1.0 - b for b in beta2_hats])
         # RMS = sqrt(mean(g^2 / max(u, eps^2))), with the updated u; sum via the L1 norm (ratio >= 0)
         ratios = torch._foreach_mul(grads_hp, grads_hp)
-        torch._foreach_div_(ratios, torch._foreach_clamp_min(b_exp_avg_sqs, eps * eps))
+        torch._foreach_div_(ratios, _foreach_clamp_min(b_exp_avg_sqs, eps * eps))
         sums = [_full(n) for n in torch._foreach_norm(ratios, 1)]
         del ratios
         torch._foreach_div_(sums, [float(max(r.numel(), 1)) for r in b_params])
@@ -419,6 +423,24 @@ def _triton_step(params, grads, exp_avgs, exp_avg_sqs, rmss, beta1_hats, beta2_h
     per_tensor = [x for b1, b2 in zip(beta1_hats, beta2_hats) for x in (1.0 - b1, b2, 1.0 - b2)]
     rms = kernel.stable_adamw_step(params, grads, exp_avgs, exp_avg_sqs, per_tensor, layouts[key], **hyper)
     torch._foreach_copy_(rmss, list(rms.unbind(0)))
+
+
+def _foreach_lerp_(starts: list[Tensor], ends: list[Tensor], weights: list[float]) -> None:
+    """torch._foreach_lerp_ with one weight per tensor (tensor by tensor for DTensors on torch < 2.14)."""
+    if _DTENSOR_FOREACH_GAPS and any(_is_dtensor(t) for t in starts):
+        for start, end, weight in zip(starts, ends, weights):
+            start.lerp_(end, weight)
+        return
+    torch._foreach_lerp_(starts, ends, weights)
+
+
+def _foreach_clamp_min(tensors: list[Tensor], value: float) -> list[Tensor]:
+    """torch._foreach_clamp_min (as clones clamped in place for DTensors on torch < 2.14)."""
+    if _DTENSOR_FOREACH_GAPS and any(_is_dtensor(t) for t in tensors):
+        out = [t.clone() for t in tensors]
+        torch._foreach_clamp_min_(out, value)
+        return out
+    return torch._foreach_clamp_min(tensors, value)
 
 
 def _local(t: Tensor) -> Tensor:
