@@ -28,7 +28,7 @@ setup(
     packages=["lowbit", "lowbit.kernels"] + [f"lowbit.{name}" for name in find_packages("lowbit")],
     package_dir={"lowbit": "lowbit", "lowbit.kernels": "kernels"},
     install_requires=[
-        "torch>=2.14",  # the oldest tested green; 2.4-2.8 fail the layer and kernel tests (see .ci/run)
+        "torch>=2.11",  # the oldest tested green (the GPU image's); 2.4-2.8 fail the tests (see .ci/run)
         "triton>=3.0; platform_system == 'Linux'",
         "numpy",
     ],

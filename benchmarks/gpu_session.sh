@@ -7,7 +7,8 @@
 #
 # .whl/ (git-ignored) may hold wheels the GPU image lacks: expecttest (torch's module tests import it),
 # open_clip_torch + ftfy + wcwidth (the ViT-B-32 step), torchao (a peer); see benchmarks/README.md.
-# The image's torch may be older than setup.py's floor (2.11 was seen): versions.txt records it. Each step has its own time limit so a hang cannot eat the lease; the results so far are
+# The image's torch / Triton (2.11 / 3.6 when last seen) are setup.py's floor; versions.txt records them.
+# Each step has its own time limit so a hang cannot eat the lease; the results so far are
 # packed whatever fails. Back here: untar into benchmarks/results/ and commit with the device named.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
