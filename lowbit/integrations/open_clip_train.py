@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 import lowbit
+from lowbit.integrations._judge import judge_step_loss
 from lowbit.monitor.monitor import ACTIONS
 from lowbit.nn.attention import LowbitMultiheadAttention
 from lowbit.nn.base import LowbitLinear
@@ -220,7 +221,6 @@ class _Run:
         self.pending_loss: torch.Tensor | None = None
         self.loss_calls = 0
         self.accum_freq = 1
-        self.distributed = False
 
     # -- patching open_clip_train.main for the run ---------------------------------------------------
 
@@ -330,7 +330,6 @@ class _Run:
         if log_dir is None:
             logger.info("lowbit: this process writes no monitor JSONL or plot (--logs none, or not the master rank)")
         self.accum_freq = args.accum_freq
-        self.distributed = args.distributed
         self.busy = True
         try:
             self.monitor = lowbit.SpikeMonitor(
@@ -375,17 +374,9 @@ class _Run:
 
     def step_monitor(self) -> None:
         loss, self.pending_loss, self.loss_calls = self.pending_loss, None, 0
-        if self.distributed:  # every rank judges the same (mean) loss, so all take the same action
-            loss = loss.clone()
-            torch.distributed.all_reduce(loss)
-            loss /= torch.distributed.get_world_size()
         self.busy = True
         try:
-            for event in self.monitor.step(loss):
-                logger.warning(
-                    f"lowbit: SpikeMonitor {event['kind']} at step {event['step']} "
-                    f"(value {event['value']}), action {event['action']}"
-                )
+            judge_step_loss(self.monitor, loss, logger)
         finally:
             self.busy = False
 

@@ -28,6 +28,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 import lowbit
+from lowbit.integrations._judge import judge_step_loss
 from lowbit.io import atomic_path
 
 logger = logging.getLogger("lowbit.integrations.transformers")
@@ -104,17 +105,7 @@ class SpikeMonitorCallback(TrainerCallback):
             )
             return
         loss, self.step_loss = self.step_loss, None
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            # Every rank judges the mean loss, so all take the same action: a "skip" or "rollback" on
-            # one rank only would leave the replicas apart.
-            loss = loss.detach().clone()
-            torch.distributed.all_reduce(loss)
-            loss /= torch.distributed.get_world_size()
-        for event in self.monitor.step(loss):
-            logger.warning(
-                f"lowbit: SpikeMonitor {event['kind']} at step {event['step']} "
-                f"(value {event['value']}), action {event['action']}"
-            )
+        judge_step_loss(self.monitor, loss, logger)
 
     def on_save(self, args, state, control, **kwargs):
         if self.monitor is None or not state.is_world_process_zero:
