@@ -14,6 +14,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from torch.torch_version import TorchVersion
 
 from lowbit._inputs import check_float_matrix as _check_float_matrix
 
@@ -48,14 +49,8 @@ def _shim_interpreter_index() -> None:
     interpreter._patch_lang_tensor = _patch_lang_tensor
 
 
-def _triton_version() -> tuple[int, int]:
-    try:
-        return tuple(int(p) for p in triton.__version__.split(".")[:2])
-    except ValueError:
-        return (99, 0)
-
-
-if INTERPRET and _triton_version() < (3, 8):
+# TorchVersion compares a version string with a tuple, as torch.__version__ does.
+if INTERPRET and TorchVersion(triton.__version__) < (3, 8):
     _shim_interpreter_index()
 
 # fp32 multiply-add contraction would let a later add absorb an unrounded product; every kernel is

@@ -17,7 +17,7 @@ except ImportError:  # pragma: no cover
 
 # torch 2.11's DTensor has no sharding rule for _foreach_lerp_.ScalarList or _foreach_clamp_min.Scalar
 # (NotImplementedError); 2.14's has both. Before 2.14 (versions between untested), DTensors take equal ops.
-_DTENSOR_FOREACH_GAPS = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) < (2, 14)
+_DTENSOR_FOREACH_GAPS = torch.__version__ < (2, 14)  # a TorchVersion: compares as a version
 
 __all__ = ["StableAdamW"]
 
